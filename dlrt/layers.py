@@ -1,0 +1,282 @@
+"""Low-rank layers W = U S V^T that never form W in the forward or backward pass.
+
+A layer holds U (n_out x r), S (r x r) and V (n_in x r) as parameters. Its backward does not
+produce the plain autograd gradients of U, S and V; it produces the three quantities the DLRT
+integrators need, all taken at the current weight W0 with G = dL/dW:
+
+    U.grad = G V      (the K-step gradient, dL/dK at K = U S)
+    V.grad = G^T U    (the L-step gradient, dL/dL at L = V S^T)
+    S.grad = U^T G V  (the S-step gradient in the current basis)
+
+These are linear in G, so gradient accumulation and data-parallel averaging work on them as on
+ordinary gradients. When `keep_step_inputs` is set (by the rank-adaptive optimizer), the backward
+also keeps what it needs to form Ũ^T G Ṽ for bases Ũ, Ṽ chosen only after the backward
+(`project_gradient`). That is what makes the rank-adaptive step a single forward/backward.
+
+The layers know nothing of training: the optimizer swaps in new factors with `set_factors`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+
+EXACT_SVD_MAX_DIM = 1024  # above this a full SVD takes minutes on a CPU (VGG16's 4096x25088: 84 s)
+
+
+def _orthonormal_factors(weight: torch.Tensor, rank: int):
+    """Truncated SVD of a dense weight matrix: its best rank-r factors.
+
+    Exact for matrices up to EXACT_SVD_MAX_DIM on the short side; above that a randomized SVD
+    (oversampled, 4 power iterations) that finds the leading subspace to high accuracy in a second.
+    """
+    weight = weight.detach().float() if weight.dtype in (torch.float16, torch.bfloat16) else weight.detach()
+    if min(weight.shape) <= EXACT_SVD_MAX_DIM or rank > min(weight.shape) // 2:
+        U, sigma, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return U[:, :rank], torch.diag(sigma[:rank]), Vh[:rank].T
+    U, sigma, V = torch.svd_lowrank(weight, q=min(rank + 10, min(weight.shape)), niter=4)
+    return U[:, :rank], torch.diag(sigma[:rank]), V[:, :rank]
+
+
+class _LowRankLayer(nn.Module):
+    """What linear and conv layers share: factors, rank changes, state_dict with any rank."""
+
+    out_dim: int  # n: rows of the weight matrix
+    in_dim: int  # m: columns of the weight matrix
+
+    def _init_factors(self, weight_matrix: torch.Tensor, rank: int, bias: torch.Tensor | None):
+        max_rank = min(self.out_dim, self.in_dim)
+        if not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"rank {rank} is not possible for a {self.out_dim}x{self.in_dim} weight: "
+                f"choose 1 <= rank <= {max_rank}"
+            )
+        U, S, V = _orthonormal_factors(weight_matrix, rank)
+        self.U = nn.Parameter(U.contiguous())
+        self.S = nn.Parameter(S.contiguous())
+        self.V = nn.Parameter(V.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.keep_step_inputs = False
+        self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.out_dim, self.in_dim)
+
+    def dense_matrix(self) -> torch.Tensor:
+        """U S V^T as an out_dim x in_dim matrix (for tests, metrics and export only)."""
+        return self.U @ self.S @ self.V.T
+
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Replace the factors, possibly at a new rank.
+
+        At the same rank the Parameter objects stay and take the new values. At a new rank they are
+        replaced by new Parameters: autograd caches a parameter's shape in its gradient accumulator,
+        which lives as long as any old graph does, so resizing a parameter in place can break the next
+        backward. Whoever holds the old Parameters (an optimizer) must take the new ones.
+        """
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            param = getattr(self, name)
+            if param.shape == value.shape:
+                param.copy_(value)
+            else:
+                setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=param.requires_grad))
+
+    # --- the inputs kept by the backward for the rank-adaptive S-step --------------------------
+
+    def _remember_step_inputs(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        if self.U.grad is None:  # gradients were zeroed since the last backward: start afresh
+            self._step_inputs.clear()
+        self._step_inputs.append((x, grad_out))
+
+    def clear_step_inputs(self) -> None:
+        self._step_inputs.clear()
+
+    def project_gradient(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """left^T G right for the G of the backward passes since the last zero_grad.
+
+        Needs `keep_step_inputs`; costs a projection of the kept input and output gradient, never G.
+        """
+        if not self._step_inputs:
+            raise RuntimeError(
+                "project_gradient needs the inputs kept by a backward pass: set keep_step_inputs "
+                "(DLRTOptimizer does so for method='adaptive') and call backward() first"
+            )
+        return sum(self._project(x, dy, left, right) for x, dy in self._step_inputs)
+
+    # --- state_dict at whatever rank it was saved ----------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The saved rank may differ from ours: take the saved shapes before copying values.
+        shapes = {name: state_dict.get(prefix + name) for name in ("U", "S", "V")}
+        if all(t is not None for t in shapes.values()):
+            self.set_factors(*(getattr(self, name).new_empty(t.shape) for name, t in shapes.items()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------------
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    """y = x V S^T U^T + b, with the DLRT gradients of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, layer):
+        h = x @ V  # (B, r)
+        y = h @ (U @ S).T
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, h, U, S, V)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, U, S, V = ctx.saved_tensors
+        dz = dy @ U  # (B, r): gradient at z = h S^T
+        grad_x = (dz @ S) @ V.T
+        grad_U = dy.T @ h  # G V
+        grad_V = x.T @ dz  # G^T U
+        grad_S = dz.T @ h  # U^T G V
+        grad_b = dy.sum(0) if ctx.has_bias else None
+        if ctx.layer.keep_step_inputs:
+            ctx.layer._remember_step_inputs(x, dy)
+        return grad_x, grad_U, grad_S, grad_V, grad_b, None
+
+
+class LowRankLinear(_LowRankLayer):
+    """A linear layer y = x W^T + b with W = U S V^T of adaptable rank."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dim, self.in_dim = out_features, in_features
+        # Draw W as nn.Linear would, then keep its best rank-r part: a sensible scale at any rank.
+        dense = nn.Linear(in_features, out_features, bias=bias)
+        self._init_factors(dense.weight.detach(), rank, dense.bias)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
+        """The truncated SVD of an existing layer's weight; the bias is copied."""
+        new = cls(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
+        new._init_factors(layer.weight.detach(), rank, layer.bias)
+        return new.to(layer.weight.device, layer.weight.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dense_matrix()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _LowRankLinearFunction.apply(x.reshape(-1, self.in_features), self.U, self.S, self.V, self.bias, self)
+        return y.reshape(*lead, self.out_features)
+
+    @staticmethod
+    def _project(x, dy, left, right):
+        return (dy @ left).T @ (x @ right)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+# ---------------------------------------------------------------------------------------------
+
+
+class _LowRankConv2dFunction(torch.autograd.Function):
+    """y = (U S) * (V^T * x) + b: a k x k conv to r channels, then a 1x1 conv (never unfold)."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, layer):
+        h = F.conv2d(x, layer._kernel(V), None, layer.stride, layer.padding, layer.dilation)
+        y = F.conv2d(h, (U @ S)[:, :, None, None], bias)
+        ctx.save_for_backward(x, h, U, S, V)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, U, S, V = ctx.saved_tensors
+        layer = ctx.layer
+        dz = torch.einsum("bchw,cr->brhw", dy, U)  # gradient at z = S h
+        dh = torch.einsum("brhw,rs->bshw", dz, S)
+        grad_x = conv2d_input(x.shape, layer._kernel(V), dh, layer.stride, layer.padding, layer.dilation)
+        grad_U = torch.einsum("bchw,brhw->cr", dy, h)  # G V
+        grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz, layer.stride, layer.padding, layer.dilation)
+        grad_V = grad_V.reshape(V.shape[1], -1).T  # G^T U
+        grad_S = torch.einsum("brhw,bshw->rs", dz, h)  # U^T G V
+        grad_b = dy.sum((0, 2, 3)) if ctx.has_bias else None
+        if layer.keep_step_inputs:
+            layer._remember_step_inputs(x, dy)
+        return grad_x, grad_U, grad_S, grad_V, grad_b, None
+
+
+class LowRankConv2d(_LowRankLayer):
+    """A Conv2d whose kernel, read as the C_out x (C_in k k) matrix, is U S V^T of adaptable rank."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int,
+                 stride=1, padding=0, dilation=1, bias: bool = True, groups: int = 1,
+                 padding_mode: str = "zeros"):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={groups}): keep grouped convs dense")
+        if padding_mode != "zeros":
+            raise ValueError(f"LowRankConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
+        dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
+        if isinstance(dense.padding, str):
+            raise ValueError(f"LowRankConv2d needs numeric padding (got {padding!r})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = dense.kernel_size, dense.stride
+        self.padding, self.dilation = dense.padding, dense.dilation
+        self.out_dim, self.in_dim = out_channels, in_channels * math.prod(self.kernel_size)
+        self._init_factors(dense.weight.detach().reshape(out_channels, -1), rank, dense.bias)
+
+    @classmethod
+    def from_conv(cls, layer: nn.Conv2d, rank: int) -> "LowRankConv2d":
+        """The truncated SVD of an existing conv's kernel matrix; the bias is copied."""
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, rank, layer.stride,
+                  layer.padding, layer.dilation, layer.bias is not None, layer.groups, layer.padding_mode)
+        new._init_factors(layer.weight.detach().reshape(layer.out_channels, -1), rank, layer.bias)
+        return new.to(layer.weight.device, layer.weight.dtype)
+
+    @property
+    def _kernel_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.kernel_size)
+
+    def _kernel(self, V: torch.Tensor) -> torch.Tensor:
+        """The r output channels of the k x k conv: V^T read as r kernels of shape C_in x k x k."""
+        return V.T.reshape(V.shape[1], *self._kernel_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dense_matrix().reshape(self.out_channels, *self._kernel_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self)
+
+    def _project(self, x, dy, left, right):
+        dy_left = torch.einsum("bchw,cr->brhw", dy, left)
+        x_right = F.conv2d(x, self._kernel(right), None, self.stride, self.padding, self.dilation)
+        return torch.einsum("brhw,bshw->rs", dy_left, x_right)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+
+
+def low_rank_layers(model: nn.Module) -> list[_LowRankLayer]:
+    """The low-rank layers of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, _LowRankLayer)]

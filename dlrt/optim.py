@@ -1,0 +1,273 @@
+"""DLRTOptimizer: a torch optimizer that trains every low-rank layer of a model by DLRT.
+
+    opt = DLRTOptimizer(model, lr=0.05, tau=0.15)          # rank-adaptive, plain SGD
+    opt.zero_grad(); loss = crit(model(x), y); loss.backward(); opt.step()
+
+Methods (`METHODS`):
+- ``adaptive``: the rank-adaptive augmented step (PAPER.md §1, the paper's default). All three
+  gradients are taken at W0, so it needs one forward and one backward per batch.
+- ``parallel``: the parallel rank-adaptive integrator (Ceruti, Kusch, Lubich, Sulz 2024): K, L and S
+  updates from the same point, augmented core [[S̄, L1^T Ṽ], [Ũ^T K1, 0]]. One pass.
+- ``fixed``: fixed-rank KLS. Its basis update moves W, so its S-step needs a second pass: give
+  `step` a closure that recomputes the loss and its gradients.
+- ``s_only``: U and V frozen, S trained (the fine-tuning phase of the paper's ImageNet protocol).
+- ``vanilla``: plain factorised training W = U V^T by simultaneous gradient steps on U and V (the
+  naive baseline of the paper); the singular values are absorbed into U and V at construction.
+
+Parameters that are not low-rank (biases, dense layers, norms) are stepped once per batch, with the
+S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same rule with the same lr.
+The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's groups follow it in
+`param_groups`, so torch's LR schedulers drive both.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import integrators as ig
+from .layers import low_rank_layers
+from .update_rules import STATE_POLICIES, change_basis, lift_state, make_rule
+
+METHODS = ("adaptive", "parallel", "fixed", "s_only", "vanilla")
+
+
+class DLRTOptimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        tau: float = 0.1,
+        method: str = "adaptive",
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        absolute_tau: bool = False,
+        r_min: int = 2,
+        r_max: int | None = None,
+        state_policy: str = "project",
+        dense_optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        if state_policy not in STATE_POLICIES:
+            raise ValueError(f"unknown state_policy {state_policy!r}: choose one of {', '.join(STATE_POLICIES)}")
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if absolute_tau and not tau >= 0:
+            raise ValueError(f"an absolute tau must be >= 0, got {tau}")
+        if not absolute_tau and not 0 <= tau < 1:
+            raise ValueError(f"tau (relative truncation tolerance) must be in [0, 1), got {tau}")
+        if r_min < 1 or (r_max is not None and r_max < r_min):
+            raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
+
+        self.layers = low_rank_layers(model)
+        self.method, self.tau, self.absolute_tau = method, tau, absolute_tau
+        self.state_policy = state_policy
+        self.rule = make_rule(optimizer, momentum, betas, eps)
+        self._r_min = [min(r_min, layer.max_rank) for layer in self.layers]
+        self._r_max = [layer.max_rank // 2 if r_max is None else min(r_max, layer.max_rank) for layer in self.layers]
+
+        factors = [p for layer in self.layers for p in (layer.U, layer.S, layer.V)]
+        factor_ids = {id(p) for p in factors}
+        dense_params = [p for p in model.parameters() if id(p) not in factor_ids and p.requires_grad]
+        super().__init__([{"params": factors, "name": "low_rank"}], {"lr": lr})
+        self.dense_optimizer = self._make_dense_optimizer(dense_optimizer, dense_params, optimizer, lr, momentum, betas, eps)
+        self.param_groups.extend(self.dense_optimizer.param_groups)
+
+        for layer in self.layers:
+            layer.keep_step_inputs = method == "adaptive"
+        if method == "vanilla":
+            self._absorb_singular_values()
+        self.layer_states = [self._fresh_layer_state(layer) for layer in self.layers]
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_dense_optimizer(given, params, rule, lr, momentum, betas, eps):
+        if isinstance(given, torch.optim.Optimizer):
+            return given
+        if given is not None:
+            return given(params)
+        # torch refuses an empty parameter list; a placeholder keeps the code paths uniform
+        params = params or [torch.zeros(0, requires_grad=True)]
+        if rule == "adam":
+            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    @torch.no_grad()
+    def _absorb_singular_values(self):
+        """W = U S V^T -> (U √S)(V √S)^T with S = I: the factorisation vanilla training steps on."""
+        for layer in self.layers:
+            P, sigma, Qh = torch.linalg.svd(layer.S)
+            root = sigma.sqrt()
+            layer.set_factors(layer.U @ P * root, torch.eye(layer.rank, dtype=layer.S.dtype, device=layer.S.device),
+                              layer.V @ Qh.T * root)
+
+    def _fresh_layer_state(self, layer) -> dict:
+        # K and L states have the shapes of U and V (n x r, m x r), the S state that of S
+        return {"K": self.rule.init_state(layer.U), "L": self.rule.init_state(layer.V), "S": self.rule.init_state(layer.S)}
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    def ranks(self) -> list[int]:
+        return [layer.rank for layer in self.layers]
+
+    def _refresh_factor_params(self) -> None:
+        """Point the low-rank group at the layers' current factors (a rank change makes new Parameters)."""
+        self.param_groups[0]["params"] = [p for layer in self.layers for p in (layer.U, layer.S, layer.V)]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._refresh_factor_params()
+        super().zero_grad(set_to_none)
+        for layer in self.layers:
+            layer.clear_step_inputs()
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------
+
+    def _has_gradients(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One DLRT step from the gradients of the last backward.
+
+        closure: recomputes the loss and calls backward (zeroing gradients first). Required by
+        method='fixed' for its second pass; for the other methods it is called only when no
+        gradients are present yet.
+        """
+        self._refresh_factor_params()
+        loss = None
+        if closure is not None and not self._has_gradients():
+            with torch.enable_grad():
+                loss = closure()
+        if self.method == "fixed":
+            if closure is None:
+                raise RuntimeError("method='fixed' needs step(closure): its S-step is taken at the moved basis")
+            return self._fixed_rank_step(closure)
+        active = [i for i, layer in enumerate(self.layers) if layer.U.grad is not None]
+        if self.method in ("adaptive", "parallel"):
+            self._rank_adaptive_step(active)
+        elif self.method == "s_only":
+            for i in active:
+                self._s_step(i)
+        else:
+            self._vanilla_step(active)
+        self.dense_optimizer.step()
+        for layer in self.layers:
+            layer.clear_step_inputs()
+        self._refresh_factor_params()
+        return loss
+
+    def _directions(self, i):
+        """dK, dL from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
+        layer, state = self.layers[i], self.layer_states[i]
+        return self.rule.direction(state["K"], layer.U.grad), self.rule.direction(state["L"], layer.V.grad)
+
+    def _rank_adaptive_step(self, active: list[int]) -> None:
+        lr, augmented = self.lr, {}
+        for i in active:  # phase 1: augmented bases and the S-step, per layer, no host sync
+            layer, state = self.layers[i], self.layer_states[i]
+            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            dK, dL = self._directions(i)
+            size = layer.rank + ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
+            count = size - layer.rank
+            U_new = ig.new_directions(U0, ig.k_step(U0, S0, dK, lr), count)
+            V_new = ig.new_directions(V0, ig.l_step(V0, S0, dL, lr), count)
+            if self.method == "adaptive":
+                grad = ig.augmented_gradient(layer.S.grad, layer.U.grad, layer.V.grad, U_new, V_new,
+                                             layer.project_gradient(U_new, V_new))
+                state["S"] = lift_state(state["S"], size)
+                S1 = ig.augmented_core(S0, size) - lr * self.rule.direction(state["S"], grad)
+            else:
+                S_bar = S0 - lr * self.rule.direction(state["S"], layer.S.grad)
+                state["S"] = lift_state(state["S"], size)
+                S1 = ig.parallel_core(S_bar, dK, dL, U_new, V_new, lr)
+            P, sigma, Qh = torch.linalg.svd(S1)
+            augmented[i] = (torch.cat([U0, U_new], 1), torch.cat([V0, V_new], 1), P, sigma, Qh.T)
+
+        if not augmented:
+            return
+        device = self.layers[active[0]].U.device
+        new_ranks = ig.truncation_ranks(  # phase 2: all truncation decisions, one host sync
+            [augmented[i][3] for i in active], self.tau, not self.absolute_tau,
+            torch.tensor([self._r_min[i] for i in active], device=device),
+            torch.tensor([self._r_max[i] for i in active], device=device),
+        )
+        for i, r1 in zip(active, new_ranks):  # phase 3: new factors and state in the new bases
+            layer, state = self.layers[i], self.layer_states[i]
+            r0 = layer.rank
+            U_hat, V_hat, P, sigma, Q = augmented[i]
+            P1, Q1 = P[:, :r1], Q[:, :r1]
+            layer.set_factors(U_hat @ P1, torch.diag(sigma[:r1]), V_hat @ Q1)
+            policy = self.state_policy
+            state["K"] = change_basis(state["K"], self.rule, policy, None, Q1[:r0])  # V0^T V1
+            state["L"] = change_basis(state["L"], self.rule, policy, None, P1[:r0])  # U0^T U1
+            state["S"] = change_basis(state["S"], self.rule, policy, P1, Q1)
+
+    def _fixed_rank_step(self, closure):
+        lr, policy = self.lr, self.state_policy
+        active = [i for i, layer in enumerate(self.layers) if layer.U.grad is not None]
+        for i in active:  # basis update from the first pass
+            layer, state = self.layers[i], self.layer_states[i]
+            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            dK, dL = self._directions(i)
+            U1, S_tilde, V1 = ig.fixed_rank_basis(U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
+            layer.set_factors(U1, S_tilde, V1)
+            state["K"] = change_basis(state["K"], self.rule, policy, None, V0.T @ V1)
+            state["L"] = change_basis(state["L"], self.rule, policy, None, U0.T @ U1)
+            state["S"] = change_basis(state["S"], self.rule, policy, U0.T @ U1, V0.T @ V1)
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()  # second pass, at the new bases
+        for i in active:
+            self._s_step(i)
+        self.dense_optimizer.step()
+        self._refresh_factor_params()
+        return loss
+
+    def _s_step(self, i) -> None:
+        layer, state = self.layers[i], self.layer_states[i]
+        if layer.S.grad is not None:
+            layer.S.sub_(self.lr * self.rule.direction(state["S"], layer.S.grad))
+
+    def _vanilla_step(self, active: list[int]) -> None:
+        # With S = I the layer's U.grad = G V and V.grad = G^T U are exactly dL/dU and dL/dV.
+        for i in active:
+            dU, dV = self._directions(i)
+            self.layers[i].U.sub_(self.lr * dU)
+            self.layers[i].V.sub_(self.lr * dV)
+
+    # ------------------------------------------------------------------------------------------
+    # state_dict
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "low_rank_lr": self.lr,
+            "layer_states": [{k: dict(v) for k, v in s.items()} for s in self.layer_states],
+            "dense": self.dense_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if len(state_dict["layer_states"]) != len(self.layers):
+            raise ValueError(
+                f"optimizer state has {len(state_dict['layer_states'])} low-rank layers, this model {len(self.layers)}"
+            )
+        self.param_groups[0]["lr"] = state_dict["low_rank_lr"]
+        device = self.layers[0].U.device if self.layers else None
+        self.layer_states = [
+            {k: {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in entry.items()}
+             for k, entry in s.items()}
+            for s in state_dict["layer_states"]
+        ]
+        self.dense_optimizer.load_state_dict(state_dict["dense"])

@@ -1,0 +1,114 @@
+"""How a gradient becomes an update direction for K, L or S, and what happens to its state when bases move.
+
+The integrator steps each factor as X1 = X0 - lr * direction. A rule turns the gradient into that
+direction (plain SGD, heavy-ball momentum as torch.optim.SGD, or Adam as torch.optim.Adam) and keeps
+its state as matrices the shape of the factor. Those matrices are coordinates in the layer's current
+bases U, V; after a DLRT step the bases rotate and the rank may change, so the state has to follow.
+The policy says how (`STATE_POLICIES`):
+
+- ``project`` (default): the state is carried into the new bases as the W-space matrix it stands for
+  would be: X -> A^T X B with A = U_old^T U_new, B = V_old^T V_new (Adam's second moments with the
+  element-wise squares of A and B, which keeps them non-negative and is exact for permutations).
+- ``keep``: the state stays at its buffer positions while the bases rotate under it, cut or
+  zero-padded when the rank changes. This is what the published code does.
+- ``reset``: like ``keep`` while the rank stays, zeroed when the rank changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATE_POLICIES = ("project", "keep", "reset")
+RULES = ("sgd", "adam")
+
+
+class SGDRule:
+    """direction = g, or with momentum mu: buf = mu * buf + g; direction = buf (torch.optim.SGD)."""
+
+    def __init__(self, momentum: float = 0.0):
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        self.momentum = momentum
+
+    def init_state(self, like: torch.Tensor) -> dict:
+        return {"momentum": torch.zeros_like(like)} if self.momentum else {}
+
+    def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+        if not self.momentum:
+            return grad
+        buf = state["momentum"].mul_(self.momentum).add_(grad)
+        return buf
+
+    # entries moved linearly, entries moved as second moments
+    linear_entries = ("momentum",)
+    square_entries = ()
+
+
+class AdamRule:
+    """torch.optim.Adam's update (no weight decay), with its bias correction kept per entry.
+
+    Adam divides its averages by 1 - beta^t. Here each entry carries that divisor as a "mass"
+    (mass = beta * mass + 1 - beta), moved with the state when bases change. A direction that the
+    augmentation just added starts at mass 0 and gets a first step like a fresh Adam's, instead of
+    the inflated step that a zero second moment with a global step count would give it.
+    """
+
+    def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+
+    def init_state(self, like: torch.Tensor) -> dict:
+        return {key: torch.zeros_like(like) for key in ("exp_avg", "exp_avg_sq", "mass", "mass_sq")}
+
+    def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.beta1, self.beta2
+        state["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        state["mass"].mul_(b1).add_(1 - b1)
+        state["mass_sq"].mul_(b2).add_(1 - b2)
+        v_hat = state["exp_avg_sq"] / state["mass_sq"]
+        return (state["exp_avg"] / state["mass"]) / (v_hat.sqrt() + self.eps)
+
+    linear_entries = ("exp_avg",)
+    square_entries = ("exp_avg_sq", "mass", "mass_sq")
+
+
+def make_rule(name: str, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    if name == "sgd":
+        return SGDRule(momentum)
+    if name == "adam":
+        return AdamRule(betas, eps)
+    raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(RULES)}")
+
+
+def lift_state(state: dict, size: int) -> dict:
+    """Embed an r x r state into the top-left of a size x size one (the augmented basis [U0, Ũ])."""
+    return {key: torch.nn.functional.pad(value, (0, size - value.shape[1], 0, size - value.shape[0]))
+            for key, value in state.items()}
+
+
+def change_basis(state: dict, rule, policy: str, left: torch.Tensor | None, right: torch.Tensor) -> dict:
+    """Move a factor's state from old to new coordinates.
+
+    left (old_rows x new_rows, or None when the rows keep their basis) and right (old_cols x new_cols)
+    are the overlaps of old and new bases, e.g. right = V_old^T V_new.
+    """
+    if not state:
+        return state
+    old_shape = next(iter(state.values())).shape
+    new_shape = (old_shape[0] if left is None else left.shape[1], right.shape[1])
+    moved = {}
+    for key, value in state.items():
+        if policy == "project":
+            square = key in rule.square_entries
+            a = None if left is None else (left * left if square else left)
+            b = right * right if square else right
+            moved[key] = (value if a is None else a.T @ value) @ b
+        elif policy == "reset" and tuple(new_shape) != tuple(old_shape):
+            moved[key] = value.new_zeros(new_shape)
+        else:  # keep (and reset at an unchanged rank): same positions, cut or zero-padded
+            kept = value.new_zeros(new_shape)
+            rows, cols = min(old_shape[0], new_shape[0]), min(old_shape[1], new_shape[1])
+            kept[:rows, :cols] = value[:rows, :cols]
+            moved[key] = kept
+    return moved

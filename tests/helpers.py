@@ -1,0 +1,40 @@
+"""Small models and data shared by the tests."""
+
+import torch
+from torch import nn
+
+from dlrt import LowRankConv2d, LowRankLinear
+
+
+def small_mlp(low_rank: bool = True) -> nn.Sequential:
+    """20 -> 16 -> 12 -> 4; the first two layers low-rank (ranks 4 and 3), the last dense."""
+    if not low_rank:
+        return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    return nn.Sequential(LowRankLinear(20, 16, 4), nn.ReLU(), LowRankLinear(16, 12, 3), nn.ReLU(), nn.Linear(12, 4))
+
+
+def small_cnn(low_rank: bool = True) -> nn.Sequential:
+    """3x8x8 -> conv3x3 pad 1 -> conv3x3 stride 2 -> linear; both convs low-rank with bias."""
+    if not low_rank:
+        convs = [nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, stride=2)]
+    else:
+        convs = [LowRankConv2d(3, 6, 3, 2, padding=1), LowRankConv2d(6, 8, 3, 3, stride=2)]
+    return nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+
+
+def batch_for(model: nn.Module, n: int = 16, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    first = model[0]
+    shape = (n, 3, 8, 8) if isinstance(first, (nn.Conv2d, LowRankConv2d)) else (n, 20)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def seeded(factory, seed: int = 0, dtype=torch.float64):
+    """A model built with `dtype` as the default, so its factors are orthonormal to that precision."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return factory()
+    finally:
+        torch.set_default_dtype(previous)

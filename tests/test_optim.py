@@ -1,0 +1,245 @@
+"""DLRTOptimizer: invariants of the step, truncation, training, state round trips, plain-torch parity."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlrt import METHODS, DLRTOptimizer, LowRankLinear, low_rank_layers
+from dlrt.integrators import truncation_ranks
+
+from helpers import batch_for, seeded, small_cnn, small_mlp
+
+
+def train_step(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = closure()
+    opt.step(closure)
+    return loss.item()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("factory", [small_mlp, small_cnn], ids=["linear", "conv"])
+def test_lr_zero_and_tau_zero_leave_every_weight_unchanged(factory, method):
+    """Catches the published code's wrong-factor rotation (PAPER.md §5), which moves W by >100 %."""
+    model = seeded(factory, dtype=torch.float32)
+    before = [layer.dense_weight().detach().clone() for layer in low_rank_layers(model)]
+    initial_ranks = [layer.rank for layer in low_rank_layers(model)]
+    opt = DLRTOptimizer(model, lr=0.0, tau=0.0, method=method, momentum=0.9)
+    x, y = batch_for(model, dtype=torch.float32)
+    for _ in range(3):
+        train_step(model, opt, x, y)
+    for layer, W0 in zip(low_rank_layers(model), before):
+        assert torch.linalg.norm(layer.dense_weight() - W0) <= 1e-5 * torch.linalg.norm(W0)
+    if method in ("adaptive", "parallel"):  # tau = 0 keeps all 2r directions, up to r_max
+        assert opt.ranks() == [min(2**3 * r, layer.max_rank // 2) for r, layer in zip(initial_ranks, low_rank_layers(model))]
+
+
+def test_tau_zero_doubles_rank_up_to_r_max():
+    model = seeded(lambda: nn.Sequential(LowRankLinear(40, 30, 3), nn.ReLU(), LowRankLinear(30, 20, 4)))
+    opt = DLRTOptimizer(model, lr=0.1, tau=0.0)
+    x, y = torch.randn(8, 40, dtype=torch.float64), torch.randint(0, 20, (8,))
+    train_step(model, opt, x, y)
+    assert opt.ranks() == [6, 8]
+    train_step(model, opt, x, y)
+    assert opt.ranks() == [12, 10]  # 30x40 -> r_max 15; 20x30 -> r_max 10
+
+
+# --- truncation ------------------------------------------------------------------------------
+
+def ranks_for(sigmas, tau, relative=True, r_min=1, r_max=100):
+    sigmas = [torch.tensor(s, dtype=torch.float64) for s in sigmas]
+    n = len(sigmas)
+    return truncation_ranks(sigmas, tau, relative, torch.full((n,), r_min), torch.full((n,), r_max))
+
+
+def test_truncation_tail_includes_the_last_singular_value():
+    # ‖σ‖ = 1: dropping only σ_4 = 0.3 leaves a tail 0.3 <= 0.35 -> rank 3; the published code,
+    # which leaves σ_2r out of the tail, would cut one more.
+    sigma = [0.8, 0.4, 0.332, 0.3]
+    s = torch.tensor(sigma, dtype=torch.float64)
+    sigma = (s / s.norm()).tolist()
+    assert ranks_for([sigma], 0.35) == [3]
+    tail_34 = torch.tensor(sigma[2:], dtype=torch.float64).norm().item()
+    assert ranks_for([sigma], tail_34 + 1e-9) == [2]
+    assert ranks_for([sigma], tail_34 - 1e-9) == [3]
+
+
+def test_truncation_keeps_2r_when_no_cut_qualifies_and_for_tau_zero():
+    assert ranks_for([[1.0, 1.0, 1.0, 1.0]], 0.1) == [4]
+    assert ranks_for([[1.0, 0.5, 0.0, 0.0]], 0.0) == [4]
+
+
+def test_truncation_is_clamped_and_vectorised_over_layers():
+    sigmas = [[1.0, 1e-3, 1e-4, 1e-5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5]]
+    assert ranks_for(sigmas, 0.01) == [1, 6, 2]
+    assert ranks_for(sigmas, 0.01, r_min=2, r_max=5) == [2, 5, 2]
+
+
+def test_absolute_tolerance():
+    sigma = [[10.0, 1.0, 0.1, 0.01]]
+    assert ranks_for(sigma, 0.2, relative=False) == [2]
+    assert ranks_for(sigma, 1.1, relative=False) == [1]
+    assert ranks_for(sigma, 0.2, relative=True) == [1]
+
+
+@pytest.mark.parametrize("method", ["adaptive", "parallel"])
+def test_ranks_stay_within_bounds_in_training(method):
+    model = seeded(small_cnn)
+    opt = DLRTOptimizer(model, lr=1.0, tau=0.05, method=method, r_min=2, r_max=3)
+    for step in range(5):
+        train_step(model, opt, *batch_for(model, seed=step))
+        assert all(2 <= r <= 3 for r in opt.ranks())
+    for layer in low_rank_layers(model):
+        eye = torch.eye(layer.rank, dtype=torch.float64)
+        torch.testing.assert_close(layer.U.T @ layer.U, eye)
+        torch.testing.assert_close(layer.V.T @ layer.V, eye)
+
+
+# --- training ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,optimizer,lr,tau,steps", [
+    ("adaptive", "sgd", 1.0, 0.02, 150),
+    ("parallel", "sgd", 1.0, 0.02, 150),
+    ("adaptive", "adam", 0.05, 0.1, 300),  # Adam moves every core entry by ~lr: it needs a larger tau
+])
+def test_training_recovers_a_planted_low_rank_teacher(method, optimizer, lr, tau, steps):
+    """Regression onto a rank-3 teacher from rank 10: the loss falls and the rank goes to 3."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64) / 4
+    x = torch.randn(512, 40, generator=g, dtype=torch.float64)
+    y = x @ teacher.T
+    model = seeded(lambda: LowRankLinear(40, 30, 10, bias=False))
+    opt = DLRTOptimizer(model, lr=lr, tau=tau, method=method, optimizer=optimizer, r_min=1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 1e-2 * losses[0]
+    assert opt.ranks() == [3]
+
+
+def test_classifier_loss_goes_down_with_momentum_and_adam():
+    for optimizer, lr in [("sgd", 0.2), ("adam", 0.01)]:
+        model = seeded(small_cnn)
+        opt = DLRTOptimizer(model, lr=lr, tau=0.1, optimizer=optimizer, momentum=0.9)
+        x, y = batch_for(model, n=64)
+        losses = [train_step(model, opt, x, y) for _ in range(40)]
+        assert losses[-1] < 0.5 * losses[0], optimizer
+
+
+# --- plain-torch parity and state -----------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_model_without_low_rank_layers_trains_like_plain_torch(optimizer):
+    ours, theirs = seeded(lambda: small_mlp(low_rank=False)), seeded(lambda: small_mlp(low_rank=False))
+    opt = DLRTOptimizer(ours, lr=0.05, optimizer=optimizer, momentum=0.9)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd" else \
+        torch.optim.Adam(theirs.parameters(), lr=0.05)
+    for step in range(3):
+        x, y = batch_for(ours, seed=step)
+        train_step(ours, opt, x, y)
+        ref.zero_grad()
+        F.cross_entropy(theirs(x), y).backward()
+        ref.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_state_dict_round_trip_then_bit_identical_step(method, optimizer):
+    model = seeded(small_cnn)
+    kwargs = dict(lr=0.5 if optimizer == "sgd" else 0.02, tau=0.05, method=method, optimizer=optimizer, momentum=0.9)
+    opt = DLRTOptimizer(model, **kwargs)
+    for step in range(3):
+        train_step(model, opt, *batch_for(model, seed=step))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+    restored = seeded(small_cnn, seed=123)  # other init, other ranks until loaded
+    restored.load_state_dict(saved_model)
+    restored_opt = DLRTOptimizer(restored, **kwargs)
+    restored_opt.load_state_dict(saved_opt)
+    assert restored_opt.ranks() == opt.ranks()
+
+    x, y = batch_for(model, seed=99)
+    train_step(model, opt, x, y)
+    train_step(restored, restored_opt, x, y)
+    assert restored_opt.ranks() == opt.ranks()
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("policy", ["project", "keep", "reset"])
+def test_state_policies_give_states_of_the_new_rank(policy):
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=2.0, tau=0.05, momentum=0.9, state_policy=policy)
+    for step in range(3):
+        train_step(model, opt, *batch_for(model, seed=step))
+        for layer, state in zip(low_rank_layers(model), opt.layer_states):
+            assert state["K"]["momentum"].shape == layer.U.shape
+            assert state["L"]["momentum"].shape == layer.V.shape
+            assert state["S"]["momentum"].shape == layer.S.shape
+
+
+def test_project_policy_carries_momentum_as_a_w_space_matrix():
+    """With lr 0 the bases only gain directions; a projected buffer keeps standing for the same W-space matrix."""
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.5, tau=0.0, momentum=0.9)
+    train_step(model, opt, *batch_for(model))
+    layer, state = low_rank_layers(model)[0], opt.layer_states[0]
+    before = layer.U @ state["S"]["momentum"] @ layer.V.T
+    opt.param_groups[0]["lr"] = 0.0
+    x, y = batch_for(model, seed=1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad_S_in_w_space = layer.U @ layer.S.grad @ layer.V.T
+    opt.step()
+    after = layer.U @ state["S"]["momentum"] @ layer.V.T
+    # the new buffer is 0.9 * old + the gradient's projection onto the new (larger) bases
+    projected = layer.U @ layer.U.T @ (0.9 * before + grad_S_in_w_space) @ layer.V @ layer.V.T
+    torch.testing.assert_close(after, projected)
+
+
+def test_dense_optimizer_can_be_chosen_and_schedulers_drive_both():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1, dense_optimizer=lambda params: torch.optim.Adam(params, lr=0.1))
+    assert isinstance(opt.dense_optimizer, torch.optim.Adam)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train_step(model, opt, *batch_for(model))
+    scheduler.step()
+    assert opt.lr == pytest.approx(0.05)
+    assert opt.dense_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tau=1.0), r"tau .* \[0, 1\)"),
+    (dict(tau=-0.1), r"tau .* \[0, 1\)"),
+    (dict(method="magic"), "adaptive, parallel, fixed"),
+    (dict(optimizer="rmsprop"), "sgd, adam"),
+    (dict(state_policy="forget"), "project, keep, reset"),
+    (dict(lr=-1.0), "lr must be"),
+    (dict(r_min=5, r_max=3), "r_min <= r_max"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    args = dict(lr=0.1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        DLRTOptimizer(seeded(small_mlp), **args)
+
+
+def test_fixed_method_without_closure_says_what_to_do():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1, method="fixed")
+    F.cross_entropy(model(batch_for(model)[0]), batch_for(model)[1]).backward()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
