@@ -135,6 +135,16 @@ def load_data(
     return splits
 
 
+def data_shape(name: str, **synthetic_kwargs) -> tuple[tuple[int, ...], int]:
+    """(input_shape, num_classes) of a data set without loading it, to check a model against it."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        opts = {**_SYNTHETIC_DEFAULTS, **synthetic_kwargs}
+        return tuple(int(s) for s in opts["input_shape"]), int(opts["num_classes"])
+    return (1, 28, 28), 10
+
+
 def iterate_batches(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -1,0 +1,88 @@
+"""The paper's networks, dense or with their low-rank layers (PAPER.md §2).
+
+    build_model("lenet5", input_shape=(1, 28, 28), num_classes=10, low_rank=True, rank=None)
+
+`rank` sets the initial rank of every low-rank layer: None starts each at its largest adaptive rank
+⌊min(n, m)/2⌋ (training then cuts it down to what ϑ asks), an int caps every layer at that rank, a
+list gives one rank per low-rank layer. The output layer always stays dense, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import nn
+
+from .layers import LowRankConv2d, LowRankLinear
+
+
+class ModelError(ValueError):
+    """A model cannot be built as asked; the message says why and what to do."""
+
+
+class _Ranks:
+    """Hands out initial ranks to the low-rank layers in the order they are built."""
+
+    def __init__(self, rank: int | list[int] | None, count: int):
+        if isinstance(rank, (list, tuple)) and len(rank) != count:
+            raise ModelError(f"model.rank lists {len(rank)} ranks but the model has {count} low-rank layers")
+        self.rank, self.index = rank, 0
+
+    def next(self, n: int, m: int) -> int:
+        rank = self.rank[self.index] if isinstance(self.rank, (list, tuple)) else self.rank
+        self.index += 1
+        if rank is None:
+            return max(1, min(n, m) // 2)
+        if not 1 <= rank:
+            raise ModelError(f"model.rank must be >= 1, got {rank}")
+        if isinstance(self.rank, (list, tuple)) and rank > min(n, m):
+            raise ModelError(f"model.rank {rank} is larger than layer {self.index} allows ({n}x{m}: at most {min(n, m)})")
+        return min(rank, min(n, m))
+
+
+def _linear(n_in, n_out, low_rank, ranks: _Ranks | None):
+    if not low_rank:
+        return nn.Linear(n_in, n_out)
+    return LowRankLinear(n_in, n_out, ranks.next(n_out, n_in))
+
+
+def _conv(c_in, c_out, k, low_rank, ranks: _Ranks | None):
+    if not low_rank:
+        return nn.Conv2d(c_in, c_out, k)
+    return LowRankConv2d(c_in, c_out, k, ranks.next(c_out, c_in * k * k))
+
+
+def fc(input_shape, num_classes, low_rank=True, rank=None, width: int = 500, depth: int = 4) -> nn.Module:
+    """784 -> width x depth -> 10 with ReLU; the `depth` hidden layers low-rank, the output dense."""
+    ranks = _Ranks(rank, depth) if low_rank else None
+    dims = [math.prod(input_shape)] + [width] * depth
+    layers: list[nn.Module] = [nn.Flatten()]
+    for n_in, n_out in zip(dims[:-1], dims[1:]):
+        layers += [_linear(n_in, n_out, low_rank, ranks), nn.ReLU()]
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def lenet5(input_shape, num_classes, low_rank=True, rank=None) -> nn.Module:
+    """conv 20 5x5, pool, conv 50 5x5, pool, fc 500, fc out; the first three low-rank."""
+    channels, height, width = input_shape
+    ranks = _Ranks(rank, 3) if low_rank else None
+    side = lambda size: ((size - 4) // 2 - 4) // 2  # two 5x5 convs, each followed by a 2x2 pool
+    flat = 50 * side(height) * side(width)
+    return nn.Sequential(
+        _conv(channels, 20, 5, low_rank, ranks), nn.ReLU(), nn.MaxPool2d(2),
+        _conv(20, 50, 5, low_rank, ranks), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        _linear(flat, 500, low_rank, ranks), nn.ReLU(),
+        nn.Linear(500, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet5": lenet5}
+
+
+def build_model(name: str, input_shape, num_classes: int, low_rank: bool = True, rank=None, **options) -> nn.Module:
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[name](tuple(input_shape), num_classes, low_rank=low_rank, rank=rank, **options)

@@ -1,0 +1,296 @@
+"""The training loop: one run from a resolved config to a complete run folder.
+
+A run folder holds
+    config.yaml      the resolved config
+    epochs.csv       one row per epoch: losses, accuracies, ranks, parameter counts, compression, times
+    summary.json     the selected epoch (minimum validation loss, the paper's rule) and the run's facts
+    checkpoint.pt    the latest epoch's model, optimizer and RNG states: an interrupted run resumes from it
+    best_model.pt    the model at the selected epoch
+Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from .data import DataError, data_shape, iterate_batches, load_data
+from .layers import low_rank_layers
+from .metrics import parameter_report
+from .models import ModelError, build_model
+from .optim import DLRTOptimizer
+
+LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla")
+FINETUNE_METHODS = ("fixed", "s_only")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse bad values before any work is done."""
+    method = cfg.method.name
+    if not cfg.method.absolute_tau and not 0 <= cfg.tau < 1:
+        raise ConfigError(f"tau={cfg.tau} is outside [0, 1): ϑ is relative to ‖σ‖ (or set method.absolute_tau=true)")
+    if cfg.method.absolute_tau and cfg.tau < 0:
+        raise ConfigError(f"tau={cfg.tau} must be >= 0")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise ConfigError(f"lr={cfg.lr} must be a positive number")
+    if not isinstance(cfg.finetune.epochs, int) or cfg.finetune.epochs < 0:
+        raise ConfigError(f"finetune.epochs={cfg.finetune.epochs} must be a non-negative integer")
+    if cfg.finetune.method not in FINETUNE_METHODS:
+        raise ConfigError(f"finetune.method={cfg.finetune.method} is unknown: choose one of {', '.join(FINETUNE_METHODS)}")
+    if cfg.optim.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name={cfg.optim.name} is unknown: choose sgd or adam")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device} is unknown: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ConfigError(f"threads={cfg.threads} must be a positive integer or null")
+    if cfg.data.subset is not None and (not isinstance(cfg.data.subset, int) or cfg.data.subset < 1):
+        raise ConfigError(f"data.subset={cfg.data.subset} must be a positive integer or null")
+    if method not in LOW_RANK_METHODS + ("dense",):
+        raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
+    try:  # build the model on the meta device: checks ranks and shapes without any arithmetic
+        input_shape, num_classes = data_shape(cfg.data.name, **_synthetic_options(cfg.data))
+        with torch.device("meta"):
+            make_model(cfg, input_shape, num_classes)
+    except (ModelError, DataError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    _atomic(path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+
+
+def save_torch(path: Path, obj) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size) -> Evaluation:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    model.train()
+    return Evaluation(total_loss / len(x), 100.0 * correct / len(x))
+
+
+def make_model(cfg: DictConfig, input_shape, num_classes: int):
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "rank", "protocol")}
+    rank = cfg.model.rank
+    rank = list(rank) if OmegaConf.is_list(rank) else rank
+    return build_model(cfg.model.name, input_shape, num_classes,
+                       low_rank=cfg.method.name != "dense", rank=rank, **options)
+
+
+def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
+    m = cfg.method
+    return DLRTOptimizer(
+        model, lr=cfg.lr, tau=cfg.tau, method="adaptive" if method == "dense" else method,
+        optimizer=cfg.optim.name, momentum=cfg.optim.momentum, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        absolute_tau=m.absolute_tau, r_min=m.r_min, r_max=m.r_max, state_policy=m.state_policy,
+    )
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batches"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as `cfg` says, recording into run_dir; resume from its checkpoint if there is one."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data.name, cfg.data.root, cfg.data.split, cfg.seed, cfg.data.subset,
+                     **_synthetic_options(cfg.data))
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
+    test_x, test_y = data.test.x.to(device), data.test.y.to(device)
+
+    model = make_model(cfg, data.input_shape, data.num_classes).to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once data and model are there
+    method = cfg.method.name
+    finetune_epochs = cfg.finetune.epochs if method in ("adaptive", "parallel") else 0
+    total_epochs = cfg.epochs + finetune_epochs
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(cfg, model, method)
+    rows, best, start_epoch = [], None, 0
+
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        start_epoch, rows, best = checkpoint["epoch"] + 1, checkpoint["rows"], checkpoint["best"]
+        if start_epoch > cfg.epochs:  # interrupted in the fine-tuning phase
+            optimizer = make_optimizer(cfg, model, cfg.finetune.method)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"], generator)
+        print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
+    else:
+        _atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
+
+    started = time.time()
+    for epoch in range(start_epoch, total_epochs):
+        phase = "train" if epoch < cfg.epochs else "finetune"
+        if epoch == cfg.epochs and finetune_epochs:
+            optimizer = make_optimizer(cfg, model, cfg.finetune.method)
+        epoch_start = time.time()
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches = iterate_batches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
+        n_batches = math.ceil(len(train_x) / cfg.batch_size)
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+                   disable=not cfg.progress, file=sys.stderr)
+        for xb, yb in bar:
+            def closure(xb=xb, yb=yb):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            logits_loss = _forward_backward(model, optimizer, xb, yb)
+            loss, logits = logits_loss
+            if not math.isfinite(loss.item()):
+                _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}")
+            optimizer.step(closure)
+            loss_sum += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.time() - epoch_start
+        val = evaluate(model, val_x, val_y, cfg.eval_batch_size)
+        test = evaluate(model, test_x, test_y, cfg.eval_batch_size)
+        ranks = [layer.rank for layer in low_rank_layers(model)]
+        row = {
+            "epoch": epoch + 1, "phase": phase,
+            "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+            "val_loss": val.loss, "val_acc": val.accuracy, "test_loss": test.loss, "test_acc": test.accuracy,
+            "ranks": " ".join(map(str, ranks)),
+            **{f"rank_{i}": r for i, r in enumerate(ranks)},
+            **parameter_report(model),
+            "lr": optimizer.lr, "epoch_time_s": train_time, "eval_time_s": time.time() - epoch_start - train_time,
+        }
+        rows.append(row)
+        write_csv(run_dir / "epochs.csv", rows)
+        if best is None or val.loss < best["val_loss"]:
+            best = row
+            save_torch(run_dir / "best_model.pt", model.state_dict())
+        save_torch(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator)})
+        print(f"epoch {epoch + 1:3d}/{total_epochs} [{phase}] train loss {row['train_loss']:.4f} "
+              f"val loss {val.loss:.4f} val acc {val.accuracy:.2f} test acc {test.accuracy:.2f} "
+              f"ranks [{row['ranks']}] c.r. eval {row['cr_eval_honest']:.1f}% (paper conv. {row['cr_eval_paper']:.1f}%) "
+              f"{train_time:.1f}s", file=sys.stderr)
+
+    summary = {
+        "status": "completed",
+        "selected_epoch": best["epoch"], "selection": "minimum validation loss",
+        "selected": best, "final": rows[-1],
+        "model": cfg.model.name, "data": cfg.data.name, "method": method, "tau": cfg.tau, "seed": cfg.seed,
+        "epochs": cfg.epochs, "finetune_epochs": finetune_epochs,
+        "seconds_per_epoch": sum(r["epoch_time_s"] for r in rows) / len(rows),
+        "wall_time_s_this_session": time.time() - started,
+        "device": device_name(device), "torch": torch.__version__,
+        "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _forward_backward(model, optimizer, xb, yb):
+    optimizer.zero_grad()
+    logits = model(xb)
+    loss = F.cross_entropy(logits, yb)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
+def _fail(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str):
+    write_json(run_dir / "summary.json", {"status": "failed", "reason": reason, "epochs_completed": len(rows),
+                                          "model": cfg.model.name, "method": cfg.method.name, "tau": cfg.tau,
+                                          "seed": cfg.seed})
+    raise TrainingDiverged(f"{reason}; the last good epoch's checkpoint is kept in {run_dir}")
+
+
+def _synthetic_options(data_cfg: DictConfig) -> dict:
+    if data_cfg.name != "synthetic":
+        return {}
+    keys = ("input_shape", "num_classes", "n_train", "n_val", "n_test")
+    return {k: tuple(data_cfg[k]) if k == "input_shape" else data_cfg[k] for k in keys if k in data_cfg}
