@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (with '+dirty' for uncommitted changes), when there is one."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def device_name(device: torch.device) -> str:
@@ -267,7 +279,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "epochs": cfg.epochs, "finetune_epochs": finetune_epochs,
         "seconds_per_epoch": sum(r["epoch_time_s"] for r in rows) / len(rows),
         "wall_time_s_this_session": time.time() - started,
-        "device": device_name(device), "torch": torch.__version__,
+        "device": device_name(device), "torch": torch.__version__, "code_version": code_version(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(run_dir / "summary.json", summary)
