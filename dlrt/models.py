@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import LowRankConv2d, LowRankLinear, low_rank_layers
 
 
 class ModelError(ValueError):
@@ -81,8 +82,27 @@ def lenet5(input_shape, num_classes, low_rank=True, rank=None) -> nn.Module:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet5": lenet5}
 
+# Initial spectra of the paper's DLRT vs U V^T comparison: σ_k = 1, 2^-k or 10^-k (k = 0, 1, ...)
+SPECTRA = {"one": 1.0, "pow2": 0.5, "pow10": 0.1}
 
-def build_model(name: str, input_shape, num_classes: int, low_rank: bool = True, rank=None, **options) -> nn.Module:
+
+@torch.no_grad()
+def set_spectrum(model: nn.Module, spectrum: str) -> None:
+    """Give every low-rank layer random orthonormal U, V and S = diag(ratio^k)."""
+    for layer in low_rank_layers(model):
+        U, S, V = layer.U, layer.S, layer.V
+        sigma = SPECTRA[spectrum] ** torch.arange(layer.rank, dtype=S.dtype, device=S.device)
+        layer.set_factors(torch.linalg.qr(torch.randn_like(U))[0], torch.diag(sigma), torch.linalg.qr(torch.randn_like(V))[0])
+
+
+def build_model(name: str, input_shape, num_classes: int, low_rank: bool = True, rank=None,
+                spectrum: str | None = None, **options) -> nn.Module:
+    """`spectrum` (one, pow2, pow10) replaces the low-rank layers' initial factors, see set_spectrum."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name](tuple(input_shape), num_classes, low_rank=low_rank, rank=rank, **options)
+    if spectrum is not None and spectrum not in SPECTRA:
+        raise ModelError(f"unknown spectrum {spectrum!r}: choose one of {', '.join(SPECTRA)}")
+    model = MODELS[name](tuple(input_shape), num_classes, low_rank=low_rank, rank=rank, **options)
+    if spectrum is not None and not next(model.parameters()).is_meta:  # meta: a shape check only
+        set_spectrum(model, spectrum)
+    return model
