@@ -72,7 +72,7 @@ PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
 CPU_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640)
-QUICK_TIMING_RANKS = (4, 16)
+QUICK_TIMING_RANKS = (4, 8)
 
 
 @dataclass
@@ -92,10 +92,12 @@ class Case:
 
 
 def step_cases(quick: bool) -> list[Case]:
+    """The paper's recipes (PAPER.md §2, §3); --quick keeps the shapes and cuts the batches to 16."""
+    small = lambda batch: 16 if quick else batch
     return [
-        Case("lenet5_t0.15", "lenet5", {}, [9, 16, 28], 128, 0.15, "sgd", 0.05),
-        Case("fc500_t0.09", "fc", {"width": 500}, [35, 53, 51, 46], 256, 0.09, "adam", 1e-3),
-        Case("fc500_r40", "fc", {"width": 500}, 40, 256, 0.09, "adam", 1e-3),
+        Case("lenet5_t0.15", "lenet5", {}, [9, 16, 28], small(128), 0.15, "sgd", 0.05),
+        Case("fc500_t0.09", "fc", {"width": 500}, [35, 53, 51, 46], small(256), 0.09, "adam", 1e-3),
+        Case("fc500_r40", "fc", {"width": 500}, 40, small(256), 0.09, "adam", 1e-3),
     ]
 
 
@@ -144,12 +146,26 @@ class CpuShare:
 
     def __init__(self):
         self.begin = self._read()
+        self.ticks = [0, 0, 0]  # total, busy, own: accumulated over start/stop windows
+        self.ok = self.begin is not None
+
+    def start(self) -> None:
+        self.begin = self._read()
+
+    def stop(self) -> None:
+        end = self._read()
+        if self.begin is None or end is None:
+            self.ok = False
+            return
+        self.ticks = [t + e - b for t, e, b in zip(self.ticks, end, self.begin)]
 
     def others_pct(self) -> float:
-        end = self._read()
-        if self.begin is None or end is None or end[0] <= self.begin[0]:
+        """Other processes' CPU use as % of all cores, over the windows so far (up to now if none closed)."""
+        if not any(self.ticks):
+            self.stop()
+        total, busy, own = self.ticks
+        if not self.ok or total <= 0:
             return float("nan")
-        total, busy, own = (e - b for e, b in zip(end, self.begin))
         return max(0.0, 100.0 * (busy - own) / total)
 
 
@@ -187,16 +203,18 @@ class Meta:
 class Runner:
     name: str
     model: nn.Module
-    step: Callable[[torch.Tensor, torch.Tensor], None]
-    opt: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], None] | None  # None: an inference-only runner
+    opt: torch.optim.Optimizer | None
     train_ms: list = field(default_factory=list)
     train_cpu_ms: list = field(default_factory=list)
     infer_ms: list = field(default_factory=list)
+    infer_cpu_ms: list = field(default_factory=list)
     ranks_seen: list = field(default_factory=list)
-    others_pct: list = field(default_factory=list)
+    cpu_share: CpuShare = field(default_factory=CpuShare)
+    error: str = ""  # set when a step raised: the runner is then left out of further timing
 
     def ranks(self) -> list[int]:
-        return self.opt.ranks() if isinstance(self.opt, DLRTOptimizer) else []
+        return [layer.rank for layer in lr_layers.low_rank_layers(self.model)]
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> None:
@@ -313,23 +331,40 @@ def time_runners(runners: list[Runner], batches, device, *, phase: str, warmup: 
         sync()
         return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
+    def failed(runner: Runner, error: Exception) -> None:
+        runner.error = f"{phase} step {len(runner.train_ms if phase == 'train' else runner.infer_ms)}: " \
+                       f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        print(f"\n{runner.name}: {runner.error} (left out of timing)", file=sys.stderr)
+
+    runners = [r for r in runners if not r.error]
     for runner in runners:
-        for i in range(warmup):
-            one(runner, i)
+        try:
+            for i in range(warmup):
+                one(runner, i)
+        except Exception as error:  # a failing method must not take the others' results down with it
+            failed(runner, error)
+    runners = [r for r in runners if not r.error]
     per_round = max(1, math.ceil(steps / max(1, rounds)))
     spent = defaultdict(float)
     counts = defaultdict(int)
     with _no_gc():
         while any(counts[r.name] < steps for r in runners):
             for runner in runners:
-                if counts[runner.name] >= steps:
+                if counts[runner.name] >= steps or runner.error:
+                    counts[runner.name] = steps
                     continue
                 if counts[runner.name] >= min_steps and spent[runner.name] >= max_seconds * 1e3:
                     counts[runner.name] = steps  # budget spent: done
                     continue
-                share = CpuShare()
+                runner.cpu_share.start()
                 for _ in range(min(per_round, steps - counts[runner.name])):
-                    wall, cpu = one(runner, counts[runner.name])
+                    if counts[runner.name] >= min_steps and spent[runner.name] >= max_seconds * 1e3:
+                        break  # budget spent within the round: the outer check ends this runner
+                    try:
+                        wall, cpu = one(runner, counts[runner.name])
+                    except Exception as error:
+                        failed(runner, error)
+                        break
                     counts[runner.name] += 1
                     spent[runner.name] += wall
                     if phase == "train":
@@ -338,9 +373,10 @@ def time_runners(runners: list[Runner], batches, device, *, phase: str, warmup: 
                         runner.ranks_seen.append(tuple(runner.ranks()))
                     else:
                         runner.infer_ms.append(wall)
+                        runner.infer_cpu_ms.append(cpu)
                     if progress is not None:
                         progress.update(1)
-                runner.others_pct.append(share.others_pct())
+                runner.cpu_share.stop()
 
 
 def _quantile(values, q):
@@ -362,9 +398,11 @@ def summary(values) -> dict:
     }
 
 
-def _mean_finite(values):
-    finite = [v for v in values if v == v]
-    return statistics.fmean(finite) if finite else float("nan")
+def _cpu_columns(cpu_ms: list, dense_cpu_median: float) -> dict:
+    """Median process CPU time per step and its ratio to dense: with --threads 1 this is the work done,
+    robust to other processes taking turns on the cores (with more threads it also counts spin-waits)."""
+    median = _quantile(cpu_ms, 0.5)
+    return {"cpu_ms": median, "cpu_ratio_to_dense": median / dense_cpu_median}
 
 
 def _ranks_str(ranks) -> str:
@@ -395,6 +433,7 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
             time_runners(runners, batches, device, phase="train", steps=args.steps, **common)
             time_runners(runners, batches, device, phase="infer", steps=args.infer_steps, **common)
             dense = {ph: summary(getattr(runners[0], f"{ph}_ms"))["median_ms"] for ph in ("train", "infer")}
+            dense_cpu = {ph: _quantile(getattr(runners[0], f"{ph}_cpu_ms"), 0.5) for ph in ("train", "infer")}
             for runner in runners:
                 changed = len(set(runner.ranks_seen)) > 1 or (runner.ranks_seen and
                                                               list(runner.ranks_seen[0]) != ranks_start[runner.name])
@@ -408,10 +447,10 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
                         "ranks_changed": bool(changed) if runner.name != "dense" else "",
                         "tau": case.tau if runner.name != "dense" else "", "optimizer": case.optimizer,
                         "lr": case.lr, **stats,
-                        "cpu_ms": _quantile(runner.train_cpu_ms, 0.5) if phase == "train" else "",
                         "ratio_to_dense": stats["median_ms"] / dense[phase],
-                        "others_cpu_pct": _mean_finite(runner.others_pct), "loadavg_1m": load,
-                        "waited_s": round(waited, 1), **meta.fields,
+                        **_cpu_columns(getattr(runner, f"{phase}_cpu_ms"), dense_cpu[phase]),
+                        "others_cpu_pct": runner.cpu_share.others_pct(), "loadavg_1m": load,
+                        "waited_s": round(waited, 1), "error": runner.error, **meta.fields,
                     })
             del runners, base
     return rows
@@ -433,14 +472,16 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
         time_runners([dense], batches, device, phase="train", steps=args.ts_steps, progress=bar, **timed)
         time_runners([dense], batches, device, phase="infer", steps=args.ts_steps, progress=bar, **timed)
         ref = {ph: summary(getattr(dense, f"{ph}_ms"))["median_ms"] for ph in ("train", "infer")}
+        ref_cpu = {ph: _quantile(getattr(dense, f"{ph}_cpu_ms"), 0.5) for ph in ("train", "infer")}
 
         def row(method, phase, runner, rank, actual, waited):
             stats = summary(getattr(runner, f"{phase}_ms"))
             return {"suite": "timing_study", "width": width, "rank": rank, "layer_ranks": _ranks_str(actual),
                     "method": method, "phase": phase, "batch": case.batch, "optimizer": case.optimizer,
                     "lr": case.lr, **stats, "ratio_to_dense": stats["median_ms"] / ref[phase],
-                    "others_cpu_pct": _mean_finite(runner.others_pct), "waited_s": round(waited, 1),
-                    **meta.fields}
+                    **_cpu_columns(getattr(runner, f"{phase}_cpu_ms"), ref_cpu[phase]),
+                    "others_cpu_pct": runner.cpu_share.others_pct(), "waited_s": round(waited, 1),
+                    "error": runner.error, **meta.fields}
 
         rows += [row("dense", ph, dense, "", [], waited) for ph in ("train", "infer")]
         del dense
@@ -451,20 +492,21 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
             base = build(case, device, low_rank=True)
             bar.set_postfix_str(f"rank {rank}")
             runners = [make_runner(m, case, device, base, r_min=rank, r_max=rank) for m in ("fixed", "adaptive")]
+            infer = Runner("low_rank", base, None, None)  # the untrained model: inference needs no optimizer
             del base
             time_runners(runners, batches, device, phase="train", steps=args.ts_steps, progress=bar, **timed)
-            time_runners(runners[:1], batches, device, phase="infer", steps=args.ts_steps, progress=bar, **timed)
+            time_runners([infer], batches, device, phase="infer", steps=args.ts_steps, progress=bar, **timed)
             for runner in runners:
                 rows.append(row(runner.name, "train", runner, rank, runner.ranks(), waited))
-            rows.append(row("low_rank", "infer", runners[0], rank, runners[0].ranks(), waited))
-            del runners
+            rows.append(row("low_rank", "infer", infer, rank, infer.ranks(), waited))
+            del runners, infer
     return rows
 
 
-def crossover(rows: list[dict], method: str, phase: str) -> str:
+def crossover(rows: list[dict], method: str, phase: str, key: str = "ratio_to_dense") -> str:
     """Where `method` stops being faster than dense: interpolated on log-log between measured ranks."""
-    points = sorted((r["rank"], r["ratio_to_dense"]) for r in rows
-                    if r["method"] == method and r["phase"] == phase and r["rank"] != "")
+    points = sorted((r["rank"], r[key]) for r in rows
+                    if r["method"] == method and r["phase"] == phase and r["rank"] != "" and r[key] == r[key])
     if not points:
         return "n/a"
     if points[0][1] > 1:
@@ -486,17 +528,19 @@ class PartTimer:
     def __init__(self, sync):
         self.sync = sync
         self.ms = defaultdict(float)
+        self.cpu_ms = defaultdict(float)
         self.calls = defaultdict(int)
 
     @contextlib.contextmanager
     def part(self, name):
         self.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.sync()
             self.ms[name] += (time.perf_counter() - t0) * 1e3
+            self.cpu_ms[name] += (time.process_time() - c0) * 1e3
             self.calls[name] += 1
 
     def wrap(self, name, fn):
@@ -562,25 +606,28 @@ def breakdown_rows(case: Case, method: str, device, args, meta: Meta) -> list[di
             with patched_parts(timer, opt):
                 with timer.part("opt.step"):
                     opt.step()
-            step_ms = timer.ms.pop("opt.step")
-            timer.calls.pop("opt.step")
-            inner = sum(timer.ms[p] for p in STEP_PARTS)
-            timer.ms["step_other"] = step_ms - inner
-            timer.calls["step_other"] = 1
-            per_step.append((dict(timer.ms), dict(timer.calls)))
+            if isinstance(opt, DLRTOptimizer):  # the rest of opt.step, after the parts timed inside it
+                for acc in (timer.ms, timer.cpu_ms):
+                    acc["step_other"] = acc.pop("opt.step") - sum(acc.get(p, 0.0) for p in STEP_PARTS)
+                timer.calls.pop("opt.step")
+                timer.calls["step_other"] = 1
+            per_step.append((dict(timer.ms), dict(timer.calls), dict(timer.cpu_ms)))
     others = share.others_pct()
     parts = ["zero_grad", "forward+loss", "backward"]
-    parts += [p for p in STEP_PARTS if any(p in ms for ms, _ in per_step)] + ["step_other"]
-    mean = {p: statistics.fmean(ms.get(p, 0.0) for ms, _ in per_step) for p in parts}
-    total = sum(mean.values())
+    parts += [p for p in ("opt.step", *STEP_PARTS, "step_other") if any(p in ms for ms, _, _ in per_step)]
+    mean = {p: statistics.fmean(ms.get(p, 0.0) for ms, _, _ in per_step) for p in parts}
+    mean_cpu = {p: statistics.fmean(cpu.get(p, 0.0) for _, _, cpu in per_step) for p in parts}
+    total, total_cpu = sum(mean.values()), sum(mean_cpu.values())
     rows = []
     for p in parts + ["total"]:
-        values = [sum(ms.values()) if p == "total" else ms.get(p, 0.0) for ms, _ in per_step]
-        calls = 0 if p == "total" else statistics.fmean(c.get(p, 0) for _, c in per_step)
+        values = [sum(ms.values()) if p == "total" else ms.get(p, 0.0) for ms, _, _ in per_step]
+        calls = 0 if p == "total" else statistics.fmean(c.get(p, 0) for _, c, _ in per_step)
+        cpu = total_cpu if p == "total" else mean_cpu[p]
         rows.append({
             "suite": "breakdown", "case": case.name, "model": case.model, "method": method,
             "part": p, "mean_ms": statistics.fmean(values), "median_ms": _quantile(values, 0.5),
             "pct": 100.0 * (total if p == "total" else mean[p]) / total, "calls_per_step": calls,
+            "mean_cpu_ms": cpu, "pct_cpu": 100.0 * cpu / total_cpu,
             "n": len(per_step), "batch": case.batch, "ranks_start": _ranks_str(ranks_start),
             "ranks_end": _ranks_str(runner.ranks()), "tau": case.tau if method != "dense" else "",
             "optimizer": case.optimizer, "others_cpu_pct": others,
@@ -598,7 +645,12 @@ def suite_breakdown(args, device, meta: Meta) -> list[dict]:
     jobs = [(case, m) for case in cases for m in ("dense", "adaptive")]
     for case, method in tqdm(jobs, desc="breakdown", file=sys.stderr, leave=False, dynamic_ncols=True):
         wait_for_idle(args.wait_idle)
-        rows += breakdown_rows(case, method, device, args, meta)
+        try:
+            rows += breakdown_rows(case, method, device, args, meta)
+        except Exception as error:  # keep the other cases' parts
+            rows.append({"suite": "breakdown", "case": case.name, "model": case.model, "method": method,
+                         "part": "total", "mean_ms": float("nan"),
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}", **meta.fields})
     return rows
 
 
@@ -660,23 +712,27 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
             variants["qr: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.qr(A.cpu())] for A in As]
         for name, fn in variants.items():
+            share = CpuShare()
             try:
                 for _ in range(3):
                     fn()
-                times = []
+                times, cpu_times = [], []
                 for _ in range(reps):
                     sync()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
                     sync()
                     times.append((time.perf_counter() - t0) * 1e3)
+                    cpu_times.append((time.process_time() - c0) * 1e3)
             except RuntimeError as error:  # e.g. a Cholesky of a singular padded Gram matrix
                 rows.append({"suite": "linalg", "case": case.name, "variant": name, "median_ms": float("nan"),
                              "note": f"failed: {str(error).splitlines()[0][:80]}", **meta.fields})
                 continue
             rows.append({"suite": "linalg", "case": case.name, "variant": name,
                          "qr_shapes": " ".join(f"{n}x{k}" for n, k in qr_shapes),
-                         "svd_sizes": " ".join(str(k) for k in cores), **summary(times), "note": "",
+                         "svd_sizes": " ".join(str(k) for k in cores), **summary(times),
+                         "cpu_ms": _quantile(cpu_times, 0.5), "note": "",
+                         "others_cpu_pct": share.others_pct(),
                          **meta.fields})
     return rows
 
@@ -804,8 +860,8 @@ def parse_args(argv):
     quick = args.quick
     defaults = {
         "steps": (3, 100), "infer_steps": (3, 100), "warmup": (1, 10), "rounds": (1, 10), "min_steps": (1, 3),
-        "max_seconds": (5.0, 30.0), "width": (128, 5120), "ts_batch": (32, 500), "ts_steps": (2, 10),
-        "ts_warmup": (1, 1), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (3, 50), "linalg_reps": (3, 50),
+        "max_seconds": (5.0, 30.0), "width": (64, 5120), "ts_batch": (16, 500), "ts_steps": (2, 10),
+        "ts_warmup": (1, 1), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (2, 50), "linalg_reps": (2, 50),
     }
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -822,8 +878,45 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     prog = "dlrt-bench" if argv is None and os.path.basename(sys.argv[0]) == "dlrt-bench" else "python -m dlrt.bench"
     args = parse_args(args_list)
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, args_list, prog)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called inside a longer-lived process
+
+
+CONTENDED_PCT = 10.0  # other processes' share of the CPUs above which a CPU timing is flagged
+
+
+def _contention_warning(rows: list[dict], device: torch.device, say) -> None:
+    shares = [v for v in (r.get("others_cpu_pct", float("nan")) for r in rows) if v == v]
+    worst = max(shares, default=0.0)
+    if device.type != "cpu" or worst <= CONTENDED_PCT:
+        return
+    if torch.get_num_threads() > 1:
+        advice = (f"With {torch.get_num_threads()} threads a stolen core stalls every multi-threaded kernel: "
+                  "wall times, CPU times and even ratios are unreliable. Rerun on a quiet machine "
+                  "(--wait-idle 600) or with --threads 1 and read the cpu_ms columns.")
+    else:
+        advice = ("With 1 thread the wall times include the turns other processes took; the cpu_ms columns "
+                  "(this process's CPU time) are the robust measure of the work.")
+    say(f"WARNING: other processes used up to {worst:.0f}% of the CPUs while this was timed "
+        f"(column others_cpu_pct). {advice}")
+
+
+def _report_errors(rows: list[dict], say) -> None:
+    seen = set()
+    for r in rows:
+        key = (r.get("case", r.get("rank")), r["method"], r.get("error"))
+        if r.get("error") and key not in seen:
+            seen.add(key)
+            where = r.get("case") or f"rank {r.get('rank')}"
+            say(f"FAILED: {where} {r['method']}: {r['error']}")
+
+
+def _run(args, args_list, prog) -> int:
     device = resolve_device(args.device)
     meta = Meta(device, shlex.join([prog, *args_list]))
     if args.ranks is None:
@@ -836,11 +929,19 @@ def main(argv: list[str] | None = None) -> int:
         ranks_note = "from --ranks"
 
     out = args.out
-    report: list[str] = []
+    header: list[str] = []
+    report = header  # what say() writes goes to stdout and to <suite>.txt beside <suite>.csv
 
     def say(text=""):
         print(text, flush=True)
         report.append(text)
+
+    def section(suite: str) -> None:
+        nonlocal report
+        report = list(header)
+
+    def save(suite: str) -> None:
+        _atomic_write(os.path.join(out, f"{suite}.txt"), lambda f: f.write("\n".join(report) + "\n"))
 
     say(f"dlrt-bench on {meta.fields['device_name']} [{device}], torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {meta.fields['date']}")
@@ -849,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         say("--quick: tiny sizes and few steps; the numbers below are not meaningful")
 
     if "steps" in args.suites:
+        section("steps")
         rows = suite_steps(args, device, meta)
         write_csv(os.path.join(out, "steps.csv"), rows)
         say("\n== training step and inference, median ms (ratio = median / dense median) ==")
@@ -856,40 +958,55 @@ def main(argv: list[str] | None = None) -> int:
             say(f"\n-- {phase} --")
             say(table([r for r in rows if r["phase"] == phase],
                       ["case", "method", "batch", "ranks_start", "ranks_end", "median_ms", "p25_ms", "p75_ms",
-                       "ratio_to_dense", "n", "others_cpu_pct"]))
+                       "ratio_to_dense", "cpu_ms", "cpu_ratio_to_dense", "n", "others_cpu_pct"]))
+        _contention_warning(rows, device, say)
+        _report_errors(rows, say)
+        save("steps")
 
     if "timing_study" in args.suites:
+        section("timing_study")
         rows = suite_timing_study(args, device, meta)
         write_csv(os.path.join(out, "timing_study.csv"), rows)
         say(f"\n== timing study: 784-{args.width}x4-10, batch {args.ts_batch}, SGD; ranks {args.ranks} ({ranks_note}) ==")
         say(table(rows, ["method", "phase", "rank", "layer_ranks", "median_ms", "p25_ms", "p75_ms",
-                         "ratio_to_dense", "n", "others_cpu_pct"]))
+                         "ratio_to_dense", "cpu_ms", "cpu_ratio_to_dense", "n", "others_cpu_pct"]))
         for method, phase in (("fixed", "train"), ("adaptive", "train"), ("low_rank", "infer")):
-            say(f"crossover ({method}, {phase}): {crossover(rows, method, phase)}")
+            say(f"crossover ({method}, {phase}): wall {crossover(rows, method, phase)}; "
+                f"cpu time {crossover(rows, method, phase, 'cpu_ratio_to_dense')}")
+        _contention_warning(rows, device, say)
+        _report_errors(rows, say)
         plot_timing_study(rows, os.path.join(out, "timing_study.png"),
                           f"784-{args.width}x4-10, batch {args.ts_batch}, {meta.fields['device_name']}, "
                           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        save("timing_study")
 
     if "breakdown" in args.suites:
+        section("breakdown")
         rows = suite_breakdown(args, device, meta)
         write_csv(os.path.join(out, "breakdown.csv"), rows)
         say("\n== where a step's time goes (mean ms per step; % of the step) ==")
         for key in dict.fromkeys((r["case"], r["method"]) for r in rows):
             part_rows = [r for r in rows if (r["case"], r["method"]) == key]
-            say(f"\n-- {key[0]} {key[1]} (ranks {part_rows[0]['ranks_start']} -> {part_rows[0]['ranks_end']}) --")
-            say(table(part_rows, ["part", "mean_ms", "median_ms", "pct", "calls_per_step"]))
+            say(f"\n-- {key[0]} {key[1]} (ranks {part_rows[0].get('ranks_start', '')} -> {part_rows[0].get('ranks_end', '')}) --")
+            say(table(part_rows, ["part", "mean_ms", "median_ms", "pct", "mean_cpu_ms", "pct_cpu", "calls_per_step"]))
+        _contention_warning(rows, device, say)
+        _report_errors(rows, say)
+        save("breakdown")
 
     if "linalg" in args.suites:
+        section("linalg")
         rows = suite_linalg(args, device, meta)
         write_csv(os.path.join(out, "linalg.csv"), rows)
         say("\n== one adaptive step's QR and SVD calls at the real shapes (median ms for all layers) ==")
         for case in dict.fromkeys(r["case"] for r in rows):
             case_rows = [r for r in rows if r["case"] == case]
             say(f"\n-- {case}: QR inputs {case_rows[0].get('qr_shapes', '')}; SVD cores {case_rows[0].get('svd_sizes', '')} --")
-            say(table(case_rows, ["variant", "median_ms", "p25_ms", "p75_ms", "note"]))
+            say(table(case_rows, ["variant", "median_ms", "p25_ms", "p75_ms", "cpu_ms", "others_cpu_pct", "note"]))
+        _contention_warning(rows, device, say)
+        save("linalg")
 
-    _atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write("\n".join(report) + "\n"))
-    say(f"\nwrote {', '.join(sorted(os.listdir(out)))} to {out}")
+    written = [f"{s}.csv, {s}.txt" for s in args.suites] + (["timing_study.png"] if "timing_study" in args.suites else [])
+    print(f"\nwrote {', '.join(written)} to {out}", flush=True)
     return 0
 
 

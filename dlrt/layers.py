@@ -164,19 +164,21 @@ class LowRankLinear(_LowRankLayer):
     """A linear layer y = x W^T + b with W = U S V^T of adaptable rank."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.out_dim, self.in_dim = out_features, in_features
         # Draw W as nn.Linear would, then keep its best rank-r part: a sensible scale at any rank.
-        dense = nn.Linear(in_features, out_features, bias=bias)
-        self._init_factors(dense.weight.detach(), rank, dense.bias)
+        self._factor(nn.Linear(in_features, out_features, bias=bias), rank)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
         """The truncated SVD of an existing layer's weight; the bias is copied."""
-        new = cls(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
-        new._init_factors(layer.weight.detach(), rank, layer.bias)
+        new = cls.__new__(cls)
+        new._factor(layer, rank)
         return new.to(layer.weight.device, layer.weight.dtype)
+
+    def _factor(self, dense: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        self.out_dim, self.in_dim = dense.out_features, dense.in_features
+        self._init_factors(dense.weight.detach(), rank, dense.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.dense_matrix()
@@ -234,27 +236,29 @@ class LowRankConv2d(_LowRankLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int,
                  stride=1, padding=0, dilation=1, bias: bool = True, groups: int = 1,
                  padding_mode: str = "zeros"):
-        super().__init__()
-        if groups != 1:
-            raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={groups}): keep grouped convs dense")
-        if padding_mode != "zeros":
-            raise ValueError(f"LowRankConv2d supports padding_mode='zeros' only (got {padding_mode!r})")
-        dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
-        if isinstance(dense.padding, str):
-            raise ValueError(f"LowRankConv2d needs numeric padding (got {padding!r})")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = dense.kernel_size, dense.stride
-        self.padding, self.dilation = dense.padding, dense.dilation
-        self.out_dim, self.in_dim = out_channels, in_channels * math.prod(self.kernel_size)
-        self._init_factors(dense.weight.detach().reshape(out_channels, -1), rank, dense.bias)
+        dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        self._factor(dense, rank)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank: int) -> "LowRankConv2d":
         """The truncated SVD of an existing conv's kernel matrix; the bias is copied."""
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, rank, layer.stride,
-                  layer.padding, layer.dilation, layer.bias is not None, layer.groups, layer.padding_mode)
-        new._init_factors(layer.weight.detach().reshape(layer.out_channels, -1), rank, layer.bias)
+        new = cls.__new__(cls)
+        new._factor(layer, rank)
         return new.to(layer.weight.device, layer.weight.dtype)
+
+    def _factor(self, dense: nn.Conv2d, rank: int) -> None:
+        if dense.groups != 1:
+            raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={dense.groups}): keep grouped convs dense")
+        if dense.padding_mode != "zeros":
+            raise ValueError(f"LowRankConv2d supports padding_mode='zeros' only (got {dense.padding_mode!r})")
+        if isinstance(dense.padding, str):
+            raise ValueError(f"LowRankConv2d needs numeric padding (got {dense.padding!r})")
+        super().__init__()
+        self.in_channels, self.out_channels = dense.in_channels, dense.out_channels
+        self.kernel_size, self.stride = dense.kernel_size, dense.stride
+        self.padding, self.dilation = dense.padding, dense.dilation
+        self.out_dim, self.in_dim = dense.out_channels, dense.in_channels * math.prod(dense.kernel_size)
+        self._init_factors(dense.weight.detach().reshape(dense.out_channels, -1), rank, dense.bias)
 
     @property
     def _kernel_shape(self) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""The paper's networks, dense or with their low-rank layers (PAPER.md §2).
+"""The paper's networks, dense or with their low-rank layers (PAPER.md §2): fc, lenet5, vgg16, resnet50.
 
     build_model("lenet5", input_shape=(1, 28, 28), num_classes=10, low_rank=True, rank=None)
 
@@ -13,8 +13,10 @@ import math
 from typing import Callable
 
 import torch
+import torchvision
 from torch import nn
 
+from .convert import convert
 from .layers import LowRankConv2d, LowRankLinear, low_rank_layers
 
 
@@ -80,7 +82,59 @@ def lenet5(input_shape, num_classes, low_rank=True, rank=None) -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet5": lenet5}
+def _convert_torchvision(net: nn.Module, low_rank: bool, rank) -> nn.Module:
+    """Low-rank versions of all convs and linears but the first conv and the classifier (dlrt.convert)."""
+    if not low_rank:
+        return net
+    if isinstance(rank, (list, tuple)):
+        ranks = iter(rank)
+        _, report = convert(net, rank=lambda name, n, m: next(ranks, 0))
+        if len(report.converted) != len(rank) or any(e.rank == 0 for e in report.converted):
+            raise ModelError(f"model.rank lists {len(rank)} ranks but the model has {len(report.converted)} low-rank layers")
+        return net
+    if rank is not None and not isinstance(rank, float) and rank < 1:
+        raise ModelError(f"model.rank must be >= 1, got {rank}")
+    return convert(net, rank=rank)[0]
+
+
+def _first_conv_channels(net: nn.Module, conv_path: str, channels: int) -> None:
+    """torchvision's nets take 3 channels; rebuild the first conv for any other number."""
+    conv = net.get_submodule(conv_path)
+    if channels != conv.in_channels:
+        parent, _, child = conv_path.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child,
+                nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None))
+
+
+def is_small_image(input_shape) -> bool:
+    """CIFAR-sized inputs (32x32 or smaller) get the usual small-image variants of the ImageNet nets."""
+    return max(input_shape[1:]) <= 32
+
+
+def vgg16(input_shape, num_classes, low_rank=True, rank=None) -> nn.Module:
+    """torchvision's VGG16; for 32x32 inputs its classifier is 512 -> 512 -> 512 -> classes after a 1x1 pool."""
+    net = torchvision.models.vgg16(num_classes=num_classes)
+    _first_conv_channels(net, "features.0", input_shape[0])
+    if is_small_image(input_shape):
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.classifier = nn.Sequential(
+            nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(), nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(512, num_classes),
+        )
+    return _convert_torchvision(net, low_rank, rank)
+
+
+def resnet50(input_shape, num_classes, low_rank=True, rank=None) -> nn.Module:
+    """torchvision's ResNet-50; for 32x32 inputs a 3x3 stride-1 first conv and no max-pool."""
+    net = torchvision.models.resnet50(num_classes=num_classes)
+    if is_small_image(input_shape):
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    _first_conv_channels(net, "conv1", input_shape[0])
+    return _convert_torchvision(net, low_rank, rank)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet5": lenet5, "vgg16": vgg16, "resnet50": resnet50}
 
 # Initial spectra of the paper's DLRT vs U V^T comparison: σ_k = 1, 2^-k or 10^-k (k = 0, 1, ...)
 SPECTRA = {"one": 1.0, "pow2": 0.5, "pow10": 0.1}

@@ -1,0 +1,145 @@
+"""Put low-rank layers into any model (torchvision's included) by rules, and merge them back out.
+
+    model, report = dlrt.convert(torchvision.models.resnet50(), rank=0.25)
+    print(report)                       # what was converted, with shapes and ranks, and what was kept dense
+    dense = dlrt.merge(model)           # plain nn.Linear / nn.Conv2d again, for export
+
+Which modules are converted: every nn.Linear and nn.Conv2d whose qualified name matches `include`
+(fnmatch patterns, default all) and none of `exclude`, except, by default, the model's first conv (its
+matrix is tiny, C_out x C_in k k with C_in = 3) and its last linear layer (the classifier), as the paper
+does. Grouped convs stay dense (DLRT's matrix view needs groups = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .layers import LowRankConv2d, LowRankLinear, _LowRankLayer
+
+Rank = int | float | None | Callable[[str, int, int], int]
+
+
+@dataclass
+class ConversionEntry:
+    name: str
+    kind: str  # "linear" or "conv"
+    shape: tuple[int, int]  # the weight matrix, n x m
+    rank: int | None  # None: kept dense
+    note: str = ""
+
+
+@dataclass
+class ConversionReport:
+    entries: list[ConversionEntry] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[ConversionEntry]:
+        return [e for e in self.entries if e.rank is not None]
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<40} {'kind':<6} {'matrix':>13} {'rank':>6}  note"]
+        for e in self.entries:
+            rank = "dense" if e.rank is None else str(e.rank)
+            lines.append(f"{e.name:<40} {e.kind:<6} {e.shape[0]:>6}x{e.shape[1]:<6} {rank:>6}  {e.note}")
+        lines.append(f"{len(self.converted)} of {len(self.entries)} linear/conv layers converted")
+        return "\n".join(lines)
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    return module.weight.shape[0], module.weight[0].numel()
+
+
+def _choose_rank(rank: Rank, name: str, n: int, m: int) -> int:
+    """None: ⌊min(n,m)/2⌋; an int: that rank, capped at min(n,m); a float in (0, 1]: that fraction of min(n,m)."""
+    if callable(rank):
+        chosen = rank(name, n, m)
+    elif rank is None:
+        chosen = min(n, m) // 2
+    elif isinstance(rank, float):
+        if not 0 < rank <= 1:
+            raise ValueError(f"a fractional rank must be in (0, 1], got {rank}")
+        chosen = round(rank * min(n, m))
+    else:
+        chosen = rank
+    return max(1, min(int(chosen), min(n, m)))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert(
+    model: nn.Module,
+    rank: Rank = None,
+    include: Iterable[str] = ("*",),
+    exclude: Iterable[str] = (),
+    keep_first_conv: bool = True,
+    keep_classifier: bool = True,
+    from_weights: bool = True,
+) -> tuple[nn.Module, ConversionReport]:
+    """Replace the model's Linear/Conv2d layers by low-rank ones, in place; returns (model, report).
+
+    from_weights=True starts each layer at the truncated SVD of its current weight (a pretrained model
+    starts at its best low-rank approximation); False draws fresh factors.
+    """
+    include, exclude = list(include), list(exclude)
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    convs = [name for name, m in candidates if isinstance(m, nn.Conv2d)]
+    linears = [name for name, m in candidates if isinstance(m, nn.Linear)]
+    first_conv = convs[0] if convs and keep_first_conv else None
+    classifier = linears[-1] if linears and keep_classifier else None
+
+    report = ConversionReport()
+    for name, module in candidates:
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        n, m = _matrix_shape(module)
+        entry = ConversionEntry(name, kind, (n, m), None)
+        report.entries.append(entry)
+        if name == first_conv:
+            entry.note = "first conv, kept dense"
+        elif name == classifier:
+            entry.note = "classifier, kept dense"
+        elif not any(fnmatch(name, p) for p in include) or any(fnmatch(name, p) for p in exclude):
+            entry.note = "not selected by include/exclude"
+        elif kind == "conv" and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            entry.note = "grouped, non-zero-padded or 'same'-padded conv, kept dense"
+        else:
+            entry.rank = _choose_rank(rank, name, n, m)
+            _set_submodule(model, name, _low_rank(module, entry.rank, from_weights))
+    return model, report
+
+
+def _low_rank(module: nn.Module, rank: int, from_weights: bool) -> _LowRankLayer:
+    if isinstance(module, nn.Linear):
+        if from_weights:
+            return LowRankLinear.from_linear(module, rank)
+        return LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None).to(module.weight)
+    if from_weights:
+        return LowRankConv2d.from_conv(module, rank)
+    return LowRankConv2d(module.in_channels, module.out_channels, module.kernel_size, rank, module.stride,
+                         module.padding, module.dilation, module.bias is not None).to(module.weight)
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every low-rank layer by the plain nn.Linear / nn.Conv2d with its dense weight, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        elif isinstance(module, LowRankConv2d):
+            dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                              module.padding, module.dilation, bias=module.bias is not None)
+        else:
+            continue
+        dense = dense.to(module.U)
+        dense.weight.copy_(module.dense_weight())
+        if module.bias is not None:
+            dense.bias.copy_(module.bias)
+        _set_submodule(model, name, dense)
+    return model

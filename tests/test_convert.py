@@ -1,0 +1,84 @@
+"""dlrt.convert / merge on torchvision models, and one DLRT step of VGG16 and ResNet-50."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dlrt import DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers, merge
+from dlrt.metrics import dense_reference, weight_shapes
+from dlrt.models import build_model
+
+
+def weight_count(model):
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def test_convert_keeps_first_conv_and_classifier_and_reports():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    full = weight_count(net)
+    net, report = convert(net, rank=0.25, exclude=["layer4.*"])
+    kept = {e.name: e.note for e in report.entries if e.rank is None}
+    assert "first conv" in kept["conv1"] and "classifier" in kept["fc"]
+    assert all(name.startswith("layer4") for name in kept if name not in ("conv1", "fc"))
+    assert isinstance(net.layer1[0].conv1, LowRankConv2d) and isinstance(net.layer4[0].conv1, nn.Conv2d)
+    entry = next(e for e in report.entries if e.name == "layer2.0.conv2")
+    assert entry.shape == (128, 128 * 9) and entry.rank == 32
+    assert "converted" in str(report)
+    assert dense_reference(weight_shapes(net)) == full
+
+
+def test_convert_then_merge_gives_the_same_outputs():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    converted, _ = convert(net, rank=0.5)
+    converted.eval()
+    y = converted(x)
+    merged = merge(converted)
+    assert not low_rank_layers(merged)
+    torch.testing.assert_close(merged(x), y, atol=1e-4, rtol=1e-4)
+
+
+def test_full_rank_conversion_is_exact():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(2, 3, 16, 16)
+    y = net(x)
+    converted, _ = convert(net, rank=1.0, keep_first_conv=False, keep_classifier=False)
+    assert isinstance(converted[1], LowRankConv2d) and isinstance(converted[3], LowRankLinear)
+    torch.testing.assert_close(converted(x), y, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_convs_stay_dense():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 8, 3))
+    _, report = convert(net)
+    assert [e.rank is None for e in report.entries] == [True, True, False]
+    assert "grouped" in report.entries[1].note
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("input_shape,num_classes,batch_shape", [
+    ((3, 32, 32), 10, (2, 3, 32, 32)),         # CIFAR-shaped: the small-image variant
+    ((3, 224, 224), 1000, (2, 3, 64, 64)),     # the ImageNet variant, fed a small spatial size
+], ids=["cifar", "imagenet"])
+def test_one_dlrt_step_of_the_paper_nets(name, input_shape, num_classes, batch_shape):
+    torch.manual_seed(0)
+    torch_reference = getattr(torchvision.models, name)(num_classes=num_classes)
+    model = build_model(name, input_shape, num_classes, rank=8)
+    opt = DLRTOptimizer(model, lr=0.01, tau=0.1, momentum=0.9)
+    x, y = torch.randn(batch_shape), torch.randint(0, num_classes, (batch_shape[0],))
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(bn.num_batches_tracked.item() == 1 for bn in batchnorms)  # one forward per batch
+    for layer, r_max in zip(low_rank_layers(model), opt._r_max):
+        assert 2 <= layer.rank <= r_max
+    if input_shape[1] == 224:  # the ImageNet variants are torchvision's nets, full-rank counts unchanged
+        assert dense_reference(weight_shapes(model)) == weight_count(torch_reference)
+        assert sum(p.numel() for p in merge(model).parameters()) == sum(p.numel() for p in torch_reference.parameters())

@@ -1,0 +1,250 @@
+"""dlrt-tables on fake run folders written exactly as dlrt.train writes them."""
+
+import json
+import math
+import statistics
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from dlrt.metrics import compression_rate, dense_layer_count, low_rank_layer_count
+from dlrt.tables import main
+
+LENET5_SHAPES = [(20, 25), (50, 500), (500, 800)]
+LENET5_DENSE = [(10, 500)]
+FC500_SHAPES = [(500, 784), (500, 500), (500, 500), (500, 500)]
+FC500_DENSE = [(10, 500)]
+COMMAND = "/repo/.venv/bin/dlrt-run -m experiment=lenet5_mnist seed=0,1 epochs=3"
+
+
+def config(model: str, method: str, tau: float, seed: int, epochs: int, **extra) -> dict:
+    """A resolved config as config.yaml holds it, with the protocol of `model`."""
+    lenet = model == "lenet5"
+    model_cfg = {"name": model, "rank": extra.pop("rank", None), "spectrum": extra.pop("spectrum", None)}
+    if not lenet:
+        model_cfg["width"] = extra.pop("width")
+    return {
+        "tau": tau, "seed": seed, "epochs": epochs, "batch_size": 128 if lenet else 256,
+        "lr": extra.pop("lr", 0.05 if lenet else 0.001),
+        "optim": {"name": "sgd" if lenet else "adam", "momentum": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
+        "device": "auto", "threads": 1, "out_dir": "runs", "eval_batch_size": 2048, "progress": False,
+        "finetune": {"method": "fixed", "epochs": extra.pop("finetune_epochs", 0)},
+        "data": {"name": "mnist", "root": "data", "split": "paper" if lenet else "standard", "subset": None},
+        "model": model_cfg,
+        "method": {"name": method, "absolute_tau": False, "r_min": 2, "r_max": None, "state_policy": "project"},
+    }
+
+
+def epoch_row(epoch: int, val_loss: float, test_acc: float, ranks, shapes, dense_shapes) -> dict:
+    """One epochs.csv row, with parameter counts from dlrt.metrics for these ranks (None: a dense model)."""
+    low_rank = [] if ranks is None else list(zip(shapes, ranks))
+    dense = dense_shapes + (shapes if ranks is None else [])
+    row = {"epoch": epoch, "phase": "train", "train_loss": val_loss, "train_acc": test_acc, "val_loss": val_loss,
+           "val_acc": test_acc, "test_loss": val_loss, "test_acc": test_acc,
+           "ranks": "" if ranks is None else " ".join(map(str, ranks)),
+           **{f"rank_{i}": r for i, r in enumerate(ranks or [])}}
+    for mode in ("eval", "train"):
+        reference = sum(dense_layer_count(n, m, mode) for n, m in shapes + dense_shapes)
+        row[f"dense_params_{mode}"] = reference
+        for convention in ("honest", "paper"):
+            count = sum(low_rank_layer_count(n, m, r, convention, mode) for (n, m), r in low_rank)
+            count += sum(dense_layer_count(n, m, mode) for n, m in dense)
+            row[f"params_{mode}_{convention}"] = count
+            row[f"cr_{mode}_{convention}"] = compression_rate(count, reference)
+    return {**row, "lr": 0.05, "epoch_time_s": 2.0, "eval_time_s": 0.5}
+
+
+def write_run(root, experiment, name, cfg, epochs, *, status="completed", command=COMMAND, finished="2026-01-02T03:04:05+00:00",
+              shapes=LENET5_SHAPES, dense_shapes=LENET5_DENSE):
+    """A run folder; epochs: (val_loss, test_acc, ranks) per epoch. status None: still running (no summary)."""
+    folder = root / experiment / name
+    folder.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(cfg), folder / "config.yaml")
+    rows = [epoch_row(i + 1, *e, shapes, dense_shapes) for i, e in enumerate(epochs)]
+    pd.DataFrame(rows).to_csv(folder / "epochs.csv", index=False)
+    if status == "completed":
+        best = min(rows, key=lambda r: r["val_loss"])
+        summary = {"status": "completed", "selected_epoch": best["epoch"], "selection": "minimum validation loss",
+                   "selected": best, "final": rows[-1], "seconds_per_epoch": 2.0, "device": "NVIDIA H100",
+                   "torch": "2.5.0", "code_version": "abc1234", "command": command, "finished": finished}
+    elif status == "failed":
+        summary = {"status": "failed", "reason": "loss became nan in epoch 2", "epochs_completed": 1,
+                   "model": cfg["model"]["name"], "method": cfg["method"]["name"], "tau": cfg["tau"], "seed": cfg["seed"]}
+    if status is not None:
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def lenet5_runs(root):
+    """ϑ 0.15 and 0.3 (seeds 0, 1), dense (seeds 0, 1), a failed and an unfinished ϑ = 0.15 run.
+
+    The selected epoch (min val loss) is the second one, whose test accuracy differs from the last's.
+    """
+    accs = {(0.15, 0): 97.0, (0.15, 1): 98.0, (0.3, 0): 96.0, (0.3, 1): 95.0}
+    ranks = {(0.15, 0): [10, 20, 30], (0.15, 1): [9, 16, 28], (0.3, 0): [4, 6, 8], (0.3, 1): [5, 6, 9]}
+    for (tau, seed), acc in accs.items():
+        epochs = [(0.5, 90.0, [10, 25, 100]), (0.1, acc, ranks[tau, seed]), (0.2, 50.0, ranks[tau, seed])]
+        write_run(root, "lenet5_mnist", f"lenet5-mnist-adaptive-tau{tau}-seed{seed}_epochs=3",
+                  config("lenet5", "adaptive", tau, seed, 3), epochs, finished=f"2026-01-0{seed + 1}T00:00:00+00:00")
+    for seed, acc in enumerate([98.5, 98.9]):
+        write_run(root, "lenet5_mnist", f"lenet5-mnist-dense-tau0-seed{seed}_epochs=2", config("lenet5", "dense", 0, seed, 2),
+                  [(0.2, 97.0, None), (0.1, acc, None)], command="dlrt-run -m experiment=lenet5_mnist method=dense tau=0 epochs=2")
+    write_run(root, "lenet5_mnist", "lenet5-mnist-adaptive-tau0.15-seed2_epochs=3", config("lenet5", "adaptive", 0.15, 2, 3),
+              [(0.5, 10.0, [10, 25, 100])], status="failed")
+    write_run(root, "lenet5_mnist", "lenet5-mnist-adaptive-tau0.15-seed3_epochs=3", config("lenet5", "adaptive", 0.15, 3, 3),
+              [(0.5, 10.0, [10, 25, 100])], status=None)
+
+
+def fc_runs(root):
+    write_run(root, "fc_mnist", "fc-mnist-adaptive-tau0.09-seed0_epochs=2,finetune.epochs=1,model.width=500",
+              config("fc", "adaptive", 0.09, 0, 2, width=500, finetune_epochs=1),
+              [(0.3, 97.0, [60, 70, 70, 60]), (0.2, 97.5, [40, 50, 50, 45]), (0.1, 98.0, [40, 50, 50, 45])],
+              shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
+    write_run(root, "fc_mnist", "fc-mnist-dense-tau0-seed0_epochs=2,model.width=500", config("fc", "dense", 0, 0, 2, width=500),
+              [(0.3, 97.0, None), (0.2, 98.3, None)], shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
+
+
+def dlrt_vs_uv_runs(root):
+    """Spectra one and pow10, DLRT and U V^T, seeds 0 and 1, three epochs."""
+    for spectrum in ("one", "pow10"):
+        for method, base in (("fixed", 90.0), ("vanilla", 80.0)):
+            for seed in (0, 1):
+                epochs = [(0.3 - 0.1 * e, base + e + seed, [20, 20, 20]) for e in range(3)]
+                write_run(root, "dlrt_vs_uv", f"lenet5-mnist-{method}-tau0.0-seed{seed}_model.spectrum={spectrum}",
+                          config("lenet5", method, 0.0, seed, 3, rank=20, spectrum=spectrum, lr=0.01), epochs)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Fake runs of all three experiments, tabulated once."""
+    root = tmp_path_factory.mktemp("runs")
+    out = tmp_path_factory.mktemp("results")
+    lenet5_runs(root)
+    fc_runs(root)
+    dlrt_vs_uv_runs(root)
+    assert main(["--runs", str(root), "--out", str(out)]) == 0
+    return out
+
+
+def table(made, name) -> pd.DataFrame:
+    return pd.read_csv(made / "tables" / f"{name}.csv", keep_default_na=False, na_values=[""])
+
+
+def lenet5_row(frame, method, tau=None):
+    rows = frame[(frame["method"] == method) & ((frame["tau"] == tau) if tau is not None else True)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_lenet5_rows_are_the_papers_plus_ours(made):
+    frame = table(made, "lenet5_mnist")
+    assert list(frame["method"]) == ["dense"] + ["adaptive"] * 8
+    assert list(frame["tau"].dropna()) == [0.09, 0.11, 0.13, 0.15, 0.2, 0.3, 0.4, 0.45]
+    assert list(frame["n_seeds"]) == [2, 0, 0, 0, 2, 0, 2, 0, 0]
+
+
+def test_lenet5_mean_std_of_the_selected_epoch_and_the_best_runs_ranks(made):
+    row = lenet5_row(table(made, "lenet5_mnist"), "adaptive", 0.15)
+    assert row["test_acc_mean"] == pytest.approx(97.5)
+    assert row["test_acc_std"] == pytest.approx(statistics.stdev([97.0, 98.0]))
+    assert row["best_seed"] == 1 and row["ranks"] == "[9,16,28,10]"
+    assert row["eval_params_paper"] == 20033 and row["train_params_paper"] == 251477  # PAPER.md §4's checks
+    assert row["eval_params_honest"] == 50605 + 9 + 16 + 28  # PAPER.md §4's (n+m) r, plus diag S
+    assert row["cr_eval_honest"] == pytest.approx(88.2, abs=0.05)
+    assert row["selected_epochs"] == "2 2" and row["seeds"] == "0 1"
+
+
+def test_lenet5_paper_columns(made):
+    frame = table(made, "lenet5_mnist")
+    row = lenet5_row(frame, "adaptive", 0.15)
+    assert (row["paper_test_acc"], row["paper_ranks"], row["paper_eval_params"]) == ("98.1 ± 0.33", "[9,16,28,10]", 20033)
+    assert (row["paper_cr_eval"], row["paper_train_params"], row["paper_cr_train"]) == (95.3, 251477, 70.8)
+    dense = lenet5_row(frame, "dense")
+    assert dense["paper_test_acc"] == "98.8 ± 0.06" and dense["test_acc_mean"] == pytest.approx(98.7)
+    assert dense["ranks"] == "full" and dense["eval_params_honest"] == 430500
+    not_run = lenet5_row(frame, "adaptive", 0.45)
+    assert not_run["n_seeds"] == 0 and math.isnan(not_run["test_acc_mean"]) and not_run["paper_eval_params"] == 6647
+
+
+def test_failed_run_is_counted_and_named_but_not_averaged(made):
+    row = lenet5_row(table(made, "lenet5_mnist"), "adaptive", 0.15)
+    assert row["n_seeds"] == 2 and row["n_failed"] == 1
+    md = (made / "tables" / "lenet5_mnist.md").read_text()
+    assert "failed, not averaged: lenet5-mnist-adaptive-tau0.15-seed2_epochs=3 (loss became nan in epoch 2)" in md
+    assert "| 0.15 | 2 (+1 failed) | 97.50 ± 0.71 | 98.1 ± 0.33 |" in md
+
+
+def test_markdown_header_says_how_it_was_made(made):
+    md = (made / "tables" / "lenet5_mnist.md").read_text()
+    header = md.split("## Accuracy")[0]
+    assert COMMAND in header and "dlrt-run -m experiment=lenet5_mnist method=dense tau=0 epochs=2" in header
+    assert "- seeds: 0, 1" in header and "epochs trained per run: dense 2, adaptive 3" in header
+    assert "NOT the paper's protocol: adaptive runs have epochs = 3 in 4 run(s) (paper: 20)" in header
+    assert "NOT the paper's protocol: dense runs have epochs = 2 in 2 run(s) (paper: 10)" in header
+    assert "FEWER runs than the paper's 5 per row: dense (2), 0.15 (2), 0.3 (2)" in header
+    assert "NVIDIA H100" in header and "abc1234" in header
+    assert "between 2026-01-01T00:00:00+00:00 and 2026-01-02T03:04:05+00:00" in header
+    assert "still running (no summary.json): 1 run(s)" in header
+    for column in ("acc (ours)", "acc (paper)", "c.r. eval honest (ours)", "c.r. eval paper conv. (ours)", "c.r. eval (paper)"):
+        assert f"| {column} |" in md
+    assert "## Notes" in md and "leaves the n_in × r factor V out" in md
+
+
+def test_fc_table_per_width_with_the_papers_numbers(made):
+    assert not (made / "tables" / "fc784_mnist.csv").exists()  # no run of that width
+    frame = table(made, "fc500_mnist")
+    assert list(frame["tau"].dropna()) == [0.03, 0.05, 0.07, 0.09, 0.11, 0.13, 0.15, 0.17]
+    row = frame[frame["tau"] == 0.09].iloc[0]
+    assert row["test_acc_mean"] == pytest.approx(98.0) and row["ranks"] == "[40,50,50,45]" and row["epochs"] == 3
+    assert row["paper_test_acc"] == 98.34 and row["paper_ranks"] == "[35,53,51,46]"
+    assert row["paper_eval_params"] == 1284 * 35 + 1000 * (53 + 51 + 46) + 5000
+    dense = frame[frame["method"] == "dense"].iloc[0]
+    assert dense["paper_eval_params"] == dense["eval_params_honest"] == 784 * 500 + 3 * 500 * 500 + 5000
+    md = (made / "tables" / "fc500_mnist.md").read_text()
+    assert "finetune.epochs = 1 in 1 run(s) (paper: 100)" in md
+
+
+def test_dlrt_vs_uv_accuracy_per_epoch(made):
+    frame = table(made, "dlrt_vs_uv")
+    assert list(zip(frame["spectrum"], frame["method"])) == [
+        ("one", "fixed"), ("one", "vanilla"), ("pow2", "fixed"), ("pow2", "vanilla"), ("pow10", "fixed"), ("pow10", "vanilla")]
+    row = frame[(frame["spectrum"] == "pow10") & (frame["method"] == "vanilla")].iloc[0]
+    assert [row[f"epoch_{e}_mean"] for e in (1, 2, 3)] == pytest.approx([80.5, 81.5, 82.5])
+    assert row["final_mean"] == pytest.approx(82.5) and row["final_std"] == pytest.approx(statistics.stdev([82, 83]))
+    assert row["paper_final"] == 86.2
+    assert frame[frame["spectrum"] == "pow2"]["n_seeds"].tolist() == [0, 0]
+    md = (made / "tables" / "dlrt_vs_uv.md").read_text()
+    assert "| 10^-k | U V^T | 2 | 82.50 ± 0.71 | 86.2 |" in md and "| 2^-k | DLRT | 0 | not run | 97.3 |" in md
+    assert "FEWER runs than the paper's 10 per row" in md
+
+
+def test_plots_are_png_files(made):
+    for name in ("lenet5_rank_evolution", "lenet5_accuracy_compression", "fc_accuracy_vs_params", "dlrt_vs_uv"):
+        assert (made / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiments_option_and_unfinished_note(tmp_path, capsys):
+    lenet5_runs(tmp_path / "runs")
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--experiments", "lenet5_mnist"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "tables").iterdir()) == ["lenet5_mnist.csv", "lenet5_mnist.md"]
+    assert "lenet5-mnist-adaptive-tau0.15-seed3_epochs=3" in capsys.readouterr().err
+    assert not list((tmp_path / "out" / "tables").glob("*.tmp"))
+
+
+def test_runs_of_different_settings_are_not_averaged_together(tmp_path):
+    runs = tmp_path / "runs"
+    lenet5_runs(runs)
+    write_run(runs, "lenet5_mnist", "lenet5-mnist-adaptive-tau0.15-seed0_data.subset=5000,epochs=3",
+              {**config("lenet5", "adaptive", 0.15, 0, 3), "data": {"name": "mnist", "root": "data", "split": "paper", "subset": 5000}},
+              [(0.1, 50.0, [5, 5, 5])])
+    main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--experiments", "lenet5_mnist"])
+    frame = table(tmp_path / "out", "lenet5_mnist")
+    rows = frame[frame["tau"] == 0.15]
+    assert sorted(rows["settings"]) == ["data.subset=5000", "data.subset=None"]
+    assert rows.set_index("settings").loc["data.subset=None", "test_acc_mean"] == pytest.approx(97.5)
+
+
+def test_empty_runs_folder(tmp_path, capsys):
+    assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "nothing to tabulate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
