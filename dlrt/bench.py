@@ -552,25 +552,40 @@ class PartTimer:
 
 @contextlib.contextmanager
 def patched_parts(timer: PartTimer, opt):
-    """Time the QR, SVD, truncation (with its host sync), projected gradient, set_factors and dense step
-    calls made inside DLRTOptimizer.step, by wrapping the functions it looks up at call time."""
+    """Time the QR, SVD, truncation (with its host sync), projected gradient, set_factors, update rule,
+    optimizer-state moves and dense step calls made inside DLRTOptimizer.step, by wrapping the functions
+    it looks up at call time. A name that has gone from the library is skipped (its time stays in
+    step_other), so the breakdown keeps working while the optimizer changes."""
+    from . import optim as optim_module
+
     targets = [
         (torch.linalg, "qr", "qr"),
         (torch.linalg, "svd", "svd"),
         (ig, "truncation_ranks", "truncation+sync"),
         (lr_layers._LowRankLayer, "project_gradient", "project_gradient"),
         (lr_layers._LowRankLayer, "set_factors", "set_factors"),
+        (optim_module, "change_basis", "state_moves"),
+        (optim_module, "lift_state", "state_moves"),
     ]
+    if isinstance(opt, DLRTOptimizer) and hasattr(getattr(opt, "rule", None), "direction"):
+        targets.append((opt.rule, "direction", "update_rule"))
+    if isinstance(opt, DLRTOptimizer):
+        targets.append((opt.dense_optimizer, "step", "dense_params_step"))
     saved = []
     try:
         for owner, attr, name in targets:
-            original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
-            saved.append((owner, attr, original))
+            if isinstance(owner, type):
+                if attr not in owner.__dict__:
+                    continue
+                original = owner.__dict__[attr]
+            elif not hasattr(owner, attr):
+                continue
+            else:
+                original = getattr(owner, attr)
+            # instance attributes we add are deleted afterwards (None), so the class's method shows again
+            restore = original if isinstance(owner, (type, type(torch))) else owner.__dict__.get(attr)
+            saved.append((owner, attr, restore))
             setattr(owner, attr, timer.wrap(name, original))
-        if isinstance(opt, DLRTOptimizer):
-            dense = opt.dense_optimizer
-            saved.append((dense, "step", dense.__dict__.get("step")))
-            dense.step = timer.wrap("dense_params_step", dense.step)
         yield
     finally:
         for owner, attr, original in reversed(saved):
@@ -580,7 +595,8 @@ def patched_parts(timer: PartTimer, opt):
                 setattr(owner, attr, original)
 
 
-STEP_PARTS = ("qr", "svd", "truncation+sync", "project_gradient", "set_factors", "dense_params_step")
+STEP_PARTS = ("qr", "svd", "truncation+sync", "project_gradient", "set_factors", "update_rule", "state_moves",
+              "dense_params_step")
 
 
 def breakdown_rows(case: Case, method: str, device, args, meta: Meta) -> list[dict]:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .data import DataError, data_shape, iterate_batches, load_data
+from .image_data import IMAGE_DATASETS, IMAGE_SHAPES, load_image_data
 from .layers import low_rank_layers
 from .metrics import parameter_report
 from .models import ModelError, build_model
@@ -62,6 +64,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"finetune.epochs={cfg.finetune.epochs} must be a non-negative integer")
     if cfg.finetune.method not in FINETUNE_METHODS:
         raise ConfigError(f"finetune.method={cfg.finetune.method} is unknown: choose one of {', '.join(FINETUNE_METHODS)}")
+    if cfg.scheduler.name not in ("none", "plateau"):
+        raise ConfigError(f"scheduler.name={cfg.scheduler.name} is unknown: choose none or plateau")
     if cfg.optim.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name={cfg.optim.name} is unknown: choose sgd or adam")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -75,7 +79,10 @@ def validate(cfg: DictConfig) -> None:
     if method not in LOW_RANK_METHODS + ("dense",):
         raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
     try:  # build the model on the meta device: checks ranks and shapes without any arithmetic
-        input_shape, num_classes = data_shape(cfg.data.name, **_synthetic_options(cfg.data))
+        if cfg.data.name in IMAGE_DATASETS:
+            input_shape, num_classes = IMAGE_SHAPES[cfg.data.name]
+        else:
+            input_shape, num_classes = data_shape(cfg.data.name, **_synthetic_options(cfg.data))
         with torch.device("meta"):
             make_model(cfg, input_shape, num_classes)
     except (ModelError, DataError) as e:
@@ -140,16 +147,49 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch_size) -> Evaluation:
+def evaluate(model, batches: Iterable) -> Evaluation:
     model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
     model.train()
-    return Evaluation(total_loss / len(x), 100.0 * correct / len(x))
+    return Evaluation(total_loss / seen, 100.0 * correct / seen)
+
+
+@dataclass
+class DeviceData:
+    """Batches on the training device, whether the data set lives there whole or comes from loaders."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_batches: Callable[[torch.Generator], Iterable]  # one epoch, shuffled
+    batches_per_epoch: int
+    eval_batches: dict[str, Callable[[], Iterable]]  # "val", "test"
+
+
+def load_device_data(cfg: DictConfig, device: torch.device) -> DeviceData:
+    data_cfg = cfg.data
+    if data_cfg.name in IMAGE_DATASETS:
+        loaders = load_image_data(data_cfg.name, data_cfg.root, cfg.seed, cfg.batch_size, cfg.eval_batch_size,
+                                  data_cfg.workers, data_cfg.subset)
+        to_device = lambda loader: ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+        return DeviceData(loaders.input_shape, loaders.num_classes, lambda generator: to_device(loaders.train),
+                          len(loaders.train), {"val": lambda: to_device(loaders.val), "test": lambda: to_device(loaders.test)})
+    # Small data sets live on the device as one tensor; batches are index slices (DESIGN.md).
+    data = load_data(data_cfg.name, data_cfg.root, data_cfg.split, cfg.seed, data_cfg.subset,
+                     **_synthetic_options(data_cfg))
+    tensors = {name: (split.x.to(device), split.y.to(device))
+               for name, split in (("train", data.train), ("val", data.val), ("test", data.test))}
+    chunks = lambda x, y: ((x[i : i + cfg.eval_batch_size], y[i : i + cfg.eval_batch_size]) for i in range(0, len(x), cfg.eval_batch_size))
+    return DeviceData(
+        data.input_shape, data.num_classes,
+        lambda generator: iterate_batches(*tensors["train"], cfg.batch_size, shuffle=True, generator=generator),
+        math.ceil(len(data.train.x) / cfg.batch_size),
+        {name: (lambda name=name: chunks(*tensors[name])) for name in ("val", "test")},
+    )
 
 
 def make_model(cfg: DictConfig, input_shape, num_classes: int):
@@ -167,6 +207,13 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         absolute_tau=m.absolute_tau, r_min=m.r_min, r_max=m.r_max, state_policy=m.state_policy,
     )
+
+
+def make_scheduler(cfg: DictConfig, optimizer: DLRTOptimizer):
+    """ReduceLROnPlateau on the validation loss, stepped once per epoch (the paper's ImageNet protocol)."""
+    if cfg.scheduler.name == "none":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.scheduler.factor, patience=cfg.scheduler.patience)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -189,11 +236,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data.name, cfg.data.root, cfg.data.split, cfg.seed, cfg.data.subset,
-                     **_synthetic_options(cfg.data))
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
-    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
-    test_x, test_y = data.test.x.to(device), data.test.y.to(device)
+    data = load_device_data(cfg, device)
 
     model = make_model(cfg, data.input_shape, data.num_classes).to(device)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once data and model are there
@@ -202,6 +245,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     total_epochs = cfg.epochs + finetune_epochs
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(cfg, model, method)
+    scheduler = make_scheduler(cfg, optimizer)
     rows, best, start_epoch = [], None, 0
 
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -211,22 +255,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start_epoch, rows, best = checkpoint["epoch"] + 1, checkpoint["rows"], checkpoint["best"]
         if start_epoch > cfg.epochs:  # interrupted in the fine-tuning phase
             optimizer = make_optimizer(cfg, model, cfg.finetune.method)
+            scheduler = make_scheduler(cfg, optimizer)
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         _set_rng_state(checkpoint["rng"], generator)
         print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
     else:
         _atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
+    plan = f"{cfg.epochs} {method} epochs" + (f" + {finetune_epochs} {cfg.finetune.method} fine-tuning epochs" if finetune_epochs else "")
+    print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
     started = time.time()
     for epoch in range(start_epoch, total_epochs):
         phase = "train" if epoch < cfg.epochs else "finetune"
         if epoch == cfg.epochs and finetune_epochs:
             optimizer = make_optimizer(cfg, model, cfg.finetune.method)
+            scheduler = make_scheduler(cfg, optimizer)
         epoch_start = time.time()
         loss_sum, correct, seen = 0.0, 0, 0
-        batches = iterate_batches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator)
-        n_batches = math.ceil(len(train_x) / cfg.batch_size)
-        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+        bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                    disable=not cfg.progress, file=sys.stderr)
         for xb, yb in bar:
             def closure(xb=xb, yb=yb):
@@ -247,8 +295,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.time() - epoch_start
-        val = evaluate(model, val_x, val_y, cfg.eval_batch_size)
-        test = evaluate(model, test_x, test_y, cfg.eval_batch_size)
+        val = evaluate(model, data.eval_batches["val"]())
+        test = evaluate(model, data.eval_batches["test"]())
+        if scheduler is not None:
+            scheduler.step(val.loss)
         ranks = [layer.rank for layer in low_rank_layers(model)]
         row = {
             "epoch": epoch + 1, "phase": phase,
@@ -265,7 +315,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             best = row
             save_torch(run_dir / "best_model.pt", model.state_dict())
         save_torch(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator)})
+                                     "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator),
+                                     "scheduler": None if scheduler is None else scheduler.state_dict()})
         print(f"epoch {epoch + 1:3d}/{total_epochs} [{phase}] train loss {row['train_loss']:.4f} "
               f"val loss {val.loss:.4f} val acc {val.accuracy:.2f} test acc {test.accuracy:.2f} "
               f"ranks [{row['ranks']}] c.r. eval {row['cr_eval_honest']:.1f}% (paper conv. {row['cr_eval_paper']:.1f}%) "
