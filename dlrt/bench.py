@@ -13,7 +13,8 @@ Suites (`SUITES`):
 - ``timing_study``: PAPER.md §3's study, 784-W x4-10 (W=5120) at batch 500, fixed ranks, methods
   fixed and adaptive (r_min = r_max = r), inference per rank, dense as reference.
 - ``breakdown``: where the adaptive step of LeNet5 and FC spends its time (forward, backward, QR, SVD,
-  the truncation with its host sync, the projected gradient, set_factors, dense step, the rest).
+  the truncation with its host sync, the projected gradient, set_factors, update rule, optimizer-state
+  moves, dense step, the rest), by wrapping those functions for the duration (synced on CUDA).
 - ``linalg``: the QR/SVD calls of one adaptive step at the real shapes, as the optimizer makes them
   (one call per layer) against batched and Cholesky-based alternatives: evidence for the fast path.
 
@@ -23,7 +24,8 @@ the second pass). Inference is one forward of the eval batch under torch.no_grad
 takes `--warmup` untimed steps; then the runners of a case take turns in rounds (so load that comes
 and goes on a shared machine hits all of them alike) and every step is timed on its own, with
 torch.cuda.synchronize() before and after on CUDA. Reported: median (and quartiles) of the timed steps
-and the ratio of medians to dense.
+and the ratio of medians to dense, in wall time and in this process's CPU time (cpu_ms: with
+--threads 1 the work itself, robust to other processes taking turns on the cores).
 
 Ranks. ``adaptive`` and ``parallel`` run honestly at the case's ϑ from the stated starting ranks, and
 may move their ranks on random data: the CSV has the ranks at the start and the end of timing and
@@ -34,6 +36,10 @@ exactly at the stated ranks.
 The machine. On a shared CPU other processes steal time: each row records `others_cpu_pct`, the share
 of all cores that other processes used while it was timed (from /proc/stat), and the load average.
 `--wait-idle SECONDS` waits (up to that long) for a quiet machine before each case.
+
+A method whose step raises (e.g. an SVD that fails to converge) is reported with its error in the
+CSV's `error` column and left out; the other methods' results are kept. Every suite writes
+<suite>.csv and <suite>.txt (the printed table) to --out, atomically; timing_study also a plot.
 """
 
 from __future__ import annotations
@@ -809,14 +815,23 @@ def plot_timing_study(rows: list[dict], path: str, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, phase, methods in ((axes[0], "train", ("fixed", "adaptive")), (axes[1], "infer", ("low_rank",))):
+        failures = []
         for method, marker in zip(methods, ("o", "s")):
-            pts = sorted((r["rank"], r["median_ms"]) for r in rows if r["method"] == method and r["phase"] == phase)
+            mine = [r for r in rows if r["method"] == method and r["phase"] == phase]
+            pts = sorted((r["rank"], r["median_ms"]) for r in mine if r["median_ms"] == r["median_ms"])
+            failures += [f"{method} r={r['rank']}: {r['error'].split(': ', 1)[-1][:70]}" for r in mine if r.get("error")]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"DLRT {method}")
+        if failures:
+            ax.text(0.02, 0.98, "failed: " + "; ".join(failures), transform=ax.transAxes, va="top", fontsize=7,
+                    color="crimson")
         dense = [r["median_ms"] for r in rows if r["method"] == "dense" and r["phase"] == phase]
         if dense:
             ax.axhline(dense[0], color="k", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in rows if r["rank"] != ""})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("rank r (each low-rank layer)")
         ax.set_ylabel("ms per batch (median)")
@@ -865,7 +880,7 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=None, help="timing-study layer width [5120]")
     p.add_argument("--ts-batch", type=int, default=None, help="timing-study batch [500]")
     p.add_argument("--ts-steps", type=int, default=None, help="timing-study timed steps per method and rank [10]")
-    p.add_argument("--ts-warmup", type=int, default=None, help="timing-study untimed steps first [1]")
+    p.add_argument("--ts-warmup", type=int, default=None, help="timing-study untimed steps first [2]")
     p.add_argument("--ts-max-seconds", type=float, default=None, help="timing-study budget per runner and phase [15]")
     p.add_argument("--breakdown-steps", type=int, default=None, help="steps timed part by part [50]")
     p.add_argument("--linalg-reps", type=int, default=None, help="repetitions per linalg variant [50]")
@@ -877,7 +892,7 @@ def parse_args(argv):
     defaults = {
         "steps": (3, 100), "infer_steps": (3, 100), "warmup": (1, 10), "rounds": (1, 10), "min_steps": (1, 3),
         "max_seconds": (5.0, 30.0), "width": (64, 5120), "ts_batch": (16, 500), "ts_steps": (2, 10),
-        "ts_warmup": (1, 1), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (2, 50), "linalg_reps": (2, 50),
+        "ts_warmup": (1, 2), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (2, 50), "linalg_reps": (2, 50),
     }
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from .data import DataError
 from .models import ModelError
-from .train import ConfigError, TrainingDiverged, train, validate
+from .train import CheckpointError, ConfigError, Interrupted, TrainingDiverged, train, validate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data", "method", "optim", "experiment")
@@ -57,6 +57,8 @@ def check_overrides(args: list[str]) -> None:
     """Compose the config of every job that `args` asks for, and validate each, before Hydra starts."""
     overrides = [a for a in args if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
     for arg in overrides:
+        if arg.startswith("+") and not arg.startswith("++"):
+            _fail(f"{arg}: dlrt has no setting {arg[1:].partition('=')[0]!r} (adding keys with + would be ignored); see README.md for the keys")
         key, value = _split_override(arg)
         if key in GROUPS:
             for choice in _sweep_values(value):
@@ -103,10 +105,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     print(f"run folder: {run_dir}", file=sys.stderr)
     try:
         summary = train(cfg, run_dir)
-    except (DataError, ModelError) as e:
+    except (DataError, ModelError, CheckpointError) as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
+    except Interrupted as e:
+        _fail(str(e), code=130)
     best = summary["selected"]
     print(f"done: {run_dir}\n  selected epoch {best['epoch']} (min val loss): test acc {best['test_acc']:.2f}%, "
           f"ranks [{best['ranks']}], c.r. eval {best['cr_eval_honest']:.1f}% honest / {best['cr_eval_paper']:.1f}% "

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,32 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class CheckpointError(RuntimeError):
+    """A run folder's checkpoint cannot be read."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived; the last finished epoch's checkpoint is kept."""
+
+
+class _StopSignals:
+    """Turn SIGTERM/SIGINT into a flag checked after every batch, so no file is left half-written."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values before any work is done."""
     method = cfg.method.name
@@ -79,14 +106,18 @@ def validate(cfg: DictConfig) -> None:
     if method not in LOW_RANK_METHODS + ("dense",):
         raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
     try:  # build the model on the meta device: checks ranks and shapes without any arithmetic
-        if cfg.data.name in IMAGE_DATASETS:
-            input_shape, num_classes = IMAGE_SHAPES[cfg.data.name]
-        else:
-            input_shape, num_classes = data_shape(cfg.data.name, **_synthetic_options(cfg.data))
+        input_shape, num_classes = input_spec(cfg.data)
         with torch.device("meta"):
             make_model(cfg, input_shape, num_classes)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None
+
+
+def input_spec(data_cfg: DictConfig) -> tuple[tuple[int, ...], int]:
+    """(input_shape, num_classes) of the configured data set, without loading it."""
+    if data_cfg.name in IMAGE_DATASETS:
+        return IMAGE_SHAPES[data_cfg.name]
+    return data_shape(data_cfg.name, **_synthetic_options(data_cfg))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,8 +281,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     checkpoint_path = run_dir / "checkpoint.pt"
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+            model.load_state_dict(checkpoint["model"])
+        except Exception as e:
+            raise CheckpointError(f"{checkpoint_path} cannot be resumed from ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                                  f"delete it to start this run afresh") from None
         start_epoch, rows, best = checkpoint["epoch"] + 1, checkpoint["rows"], checkpoint["best"]
         if start_epoch > cfg.epochs:  # interrupted in the fine-tuning phase
             optimizer = make_optimizer(cfg, model, cfg.finetune.method)
@@ -267,60 +302,63 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     plan = f"{cfg.epochs} {method} epochs" + (f" + {finetune_epochs} {cfg.finetune.method} fine-tuning epochs" if finetune_epochs else "")
     print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
     started = time.time()
-    for epoch in range(start_epoch, total_epochs):
-        phase = "train" if epoch < cfg.epochs else "finetune"
-        if epoch == cfg.epochs and finetune_epochs:
-            optimizer = make_optimizer(cfg, model, cfg.finetune.method)
-            scheduler = make_scheduler(cfg, optimizer)
-        epoch_start = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
-                   disable=not cfg.progress, file=sys.stderr)
-        for xb, yb in bar:
-            def closure(xb=xb, yb=yb):
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(xb), yb)
-                loss.backward()
-                return loss
+    with _StopSignals() as stop:
+        for epoch in range(start_epoch, total_epochs):
+            phase = "train" if epoch < cfg.epochs else "finetune"
+            if epoch == cfg.epochs and finetune_epochs:
+                optimizer = make_optimizer(cfg, model, cfg.finetune.method)
+                scheduler = make_scheduler(cfg, optimizer)
+            epoch_start = time.time()
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+                       disable=not cfg.progress, file=sys.stderr)
+            for xb, yb in bar:
+                def closure(xb=xb, yb=yb):
+                    optimizer.zero_grad()
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    return loss
 
-            logits_loss = _forward_backward(model, optimizer, xb, yb)
-            loss, logits = logits_loss
-            if not math.isfinite(loss.item()):
-                _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}")
-            optimizer.step(closure)
-            loss_sum += loss.item() * len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
-            seen += len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.time() - epoch_start
-        val = evaluate(model, data.eval_batches["val"]())
-        test = evaluate(model, data.eval_batches["test"]())
-        if scheduler is not None:
-            scheduler.step(val.loss)
-        ranks = [layer.rank for layer in low_rank_layers(model)]
-        row = {
-            "epoch": epoch + 1, "phase": phase,
-            "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-            "val_loss": val.loss, "val_acc": val.accuracy, "test_loss": test.loss, "test_acc": test.accuracy,
-            "ranks": " ".join(map(str, ranks)),
-            **{f"rank_{i}": r for i, r in enumerate(ranks)},
-            **parameter_report(model),
-            "lr": optimizer.lr, "epoch_time_s": train_time, "eval_time_s": time.time() - epoch_start - train_time,
-        }
-        rows.append(row)
-        write_csv(run_dir / "epochs.csv", rows)
-        if best is None or val.loss < best["val_loss"]:
-            best = row
-            save_torch(run_dir / "best_model.pt", model.state_dict())
-        save_torch(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator),
-                                     "scheduler": None if scheduler is None else scheduler.state_dict()})
-        print(f"epoch {epoch + 1:3d}/{total_epochs} [{phase}] train loss {row['train_loss']:.4f} "
-              f"val loss {val.loss:.4f} val acc {val.accuracy:.2f} test acc {test.accuracy:.2f} "
-              f"ranks [{row['ranks']}] c.r. eval {row['cr_eval_honest']:.1f}% (paper conv. {row['cr_eval_paper']:.1f}%) "
-              f"{train_time:.1f}s", file=sys.stderr)
+                loss, logits = _forward_backward(model, optimizer, xb, yb)
+                if not math.isfinite(loss.item()):
+                    _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}")
+                optimizer.step(closure)
+                if stop.received:
+                    raise Interrupted(f"{stop.received} received in epoch {epoch + 1}; the checkpoint of the last "
+                                      f"finished epoch is kept in {run_dir}: run the same command to resume")
+                loss_sum += loss.item() * len(yb)
+                correct += (logits.argmax(1) == yb).sum().item()
+                seen += len(yb)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time = time.time() - epoch_start
+            val = evaluate(model, data.eval_batches["val"]())
+            test = evaluate(model, data.eval_batches["test"]())
+            if scheduler is not None:
+                scheduler.step(val.loss)
+            ranks = [layer.rank for layer in low_rank_layers(model)]
+            row = {
+                "epoch": epoch + 1, "phase": phase,
+                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                "val_loss": val.loss, "val_acc": val.accuracy, "test_loss": test.loss, "test_acc": test.accuracy,
+                "ranks": " ".join(map(str, ranks)),
+                **{f"rank_{i}": r for i, r in enumerate(ranks)},
+                **parameter_report(model),
+                "lr": optimizer.lr, "epoch_time_s": train_time, "eval_time_s": time.time() - epoch_start - train_time,
+            }
+            rows.append(row)
+            write_csv(run_dir / "epochs.csv", rows)
+            if best is None or val.loss < best["val_loss"]:
+                best = row
+                save_torch(run_dir / "best_model.pt", model.state_dict())
+            save_torch(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator),
+                                         "scheduler": None if scheduler is None else scheduler.state_dict()})
+            print(f"epoch {epoch + 1:3d}/{total_epochs} [{phase}] train loss {row['train_loss']:.4f} "
+                  f"val loss {val.loss:.4f} val acc {val.accuracy:.2f} test acc {test.accuracy:.2f} "
+                  f"ranks [{row['ranks']}] c.r. eval {row['cr_eval_honest']:.1f}% (paper conv. {row['cr_eval_paper']:.1f}%) "
+                  f"{train_time:.1f}s", file=sys.stderr)
 
     summary = {
         "status": "completed",

@@ -81,6 +81,14 @@ def test_multirun_sweep_makes_one_folder_per_job(tmp_path):
     (["model.rank=[10,20]"], "model.rank lists 2 ranks but the model has 3 low-rank layers"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["-m", "tau=0.1,2.0"], "tau=2.0 is outside [0, 1)"),
+    (["optim=rmsprop"], "unknown optim 'rmsprop'"),
+    (["threads=0"], "threads=0 must be a positive integer"),
+    (["data.subset=0"], "data.subset=0 must be a positive integer"),
+    (["finetune.method=sgd"], "finetune.method=sgd is unknown"),
+    (["scheduler.name=cosine"], "scheduler.name=cosine is unknown"),
+    (["model.spectrum=flat"], "unknown spectrum 'flat'"),
+    (["+unknown.key=1"], "dlrt has no setting 'unknown.key'"),
+    (["tua=0.1"], "Could not override 'tua'"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, args, message):
     result = dlrt_run(*args, f"out_dir={tmp_path}", cwd=tmp_path)

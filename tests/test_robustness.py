@@ -1,0 +1,133 @@
+"""Runs that survive a crash, stop cleanly on NaN, export what they selected, and refuse bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import dlrt.train
+from dlrt.cli import CONFIG_DIR
+from dlrt.data import DataSplits, Split
+from dlrt.export import export_run, load_exported
+from dlrt.train import TrainingDiverged, evaluate, load_device_data, train
+
+SMALL = ["data=synthetic", "data.n_train=2048", "data.n_val=256", "data.n_test=256", "model.rank=4",
+         "progress=false", "threads=1"]
+
+
+def start_run(out_dir, *args):
+    return subprocess.Popen([sys.executable, "-m", "dlrt.cli", *SMALL, f"out_dir={out_dir}", *args],
+                            cwd=out_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def only_run_dir(out_dir: Path) -> Path:
+    (run_dir,) = [p for p in out_dir.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def wait_for_epochs(run_dir_parent: Path, count: int, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        csvs = list(run_dir_parent.glob("*/epochs.csv"))
+        if csvs and len(pd.read_csv(csvs[0])) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the expected epoch in time")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, how):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    reference.mkdir(), interrupted.mkdir()
+    full = start_run(reference, "epochs=4")
+    assert full.wait(timeout=300) == 0, full.communicate()
+
+    process = start_run(interrupted, "epochs=4")
+    wait_for_epochs(interrupted, 2, process)
+    process.send_signal(how)
+    code = process.wait(timeout=60)
+    assert code == (-9 if how == signal.SIGKILL else 130)
+    if how == signal.SIGTERM:
+        assert "run the same command to resume" in process.communicate()[1]
+    resumed = start_run(interrupted, "epochs=4")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming" in err
+
+    ours, theirs = pd.read_csv(only_run_dir(interrupted) / "epochs.csv"), pd.read_csv(only_run_dir(reference) / "epochs.csv")
+    assert list(ours["epoch"]) == [1, 2, 3, 4]  # each epoch exactly once
+    columns = ["train_loss", "val_loss", "test_acc", "ranks", "params_eval_honest"]
+    pd.testing.assert_frame_equal(ours[columns], theirs[columns])
+
+
+def compose_cfg(*overrides, small=True):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*(SMALL if small else []), *overrides])
+
+
+def test_nan_in_the_data_marks_the_run_failed(tmp_path, monkeypatch):
+    cfg = compose_cfg("epochs=3")
+    real_load = dlrt.train.load_data
+
+    def poisoned(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        x = data.train.x.clone()
+        x[1000:1100] = float("nan")  # some batch of the first epoch
+        return DataSplits(Split(x, data.train.y), data.val, data.test, data.input_shape, data.num_classes)
+
+    monkeypatch.setattr(dlrt.train, "load_data", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
+        train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "nan" in summary["reason"]
+
+
+def test_export_round_trip_in_both_formats(tmp_path):
+    cfg = compose_cfg("epochs=2", "tau=0.2")
+    run_dir = tmp_path / "run"
+    summary = train(cfg, run_dir)
+    data = load_device_data(cfg, torch.device("cpu"))
+    sizes = {}
+    for fmt in ("factored", "dense"):
+        path = export_run(run_dir, fmt)
+        sizes[fmt] = path.stat().st_size
+        model = load_exported(path)
+        assert evaluate(model, data.eval_batches["test"]()).accuracy == pytest.approx(summary["selected"]["test_acc"])
+    assert sizes["factored"] < sizes["dense"]
+
+
+@pytest.mark.parametrize("data,message", [
+    ("fashion_mnist", "apt-get install dataset-fashion-mnist"),
+    ("imagenet", "ImageFolder layout"),
+])
+def test_missing_data_roots_say_how_to_get_the_data(tmp_path, monkeypatch, data, message):
+    monkeypatch.setattr("dlrt.data.FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    cfg = compose_cfg(f"data={data}", f"data.root={tmp_path / 'empty'}", small=False)
+    if data == "imagenet":
+        cfg.model.name = "resnet50"  # any model: the data fail first
+    with pytest.raises(dlrt.data.DataError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_checkpoint_is_reported_not_trained_over(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(dlrt.train.CheckpointError, match="delete it to start this run afresh"):
+        train(compose_cfg("epochs=1"), run_dir)
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_export_of_a_folder_that_is_no_run(tmp_path):
+    from dlrt.export import main
+
+    assert main([str(tmp_path)]) == 2
