@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -111,6 +112,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         _fail(str(e), code=1)
     except Interrupted as e:
         _fail(str(e), code=130)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     best = summary["selected"]
     print(f"done: {run_dir}\n  selected epoch {best['epoch']} (min val loss): test acc {best['test_acc']:.2f}%, "
           f"ranks [{best['ranks']}], c.r. eval {best['cr_eval_honest']:.1f}% honest / {best['cr_eval_paper']:.1f}% "

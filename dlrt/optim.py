@@ -18,6 +18,10 @@ Parameters that are not low-rank (biases, dense layers, norms) are stepped once 
 S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same rule with the same lr.
 The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's groups follow it in
 `param_groups`, so torch's LR schedulers drive both.
+
+Data parallel: when torch.distributed is initialised, `step` averages all gradients (and the adaptive
+step's Ũ^T G Ṽ blocks) over the workers and takes rank 0's buffers, so do not wrap the model in
+DistributedDataParallel (a rank change replaces parameters, which DDP cannot follow).
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
 
         self.layers = low_rank_layers(model)
+        self._model = model
+        dist = torch.distributed
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.method, self.tau, self.absolute_tau = method, tau, absolute_tau
         self.state_policy = state_policy
         self.rule = make_rule(optimizer, momentum, betas, eps)
@@ -150,6 +157,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if closure is not None and not self._has_gradients():
             with torch.enable_grad():
                 loss = closure()
+        self._synchronise_workers()
         if self.method == "fixed":
             if closure is None:
                 raise RuntimeError("method='fixed' needs step(closure): its S-step is taken at the moved basis")
@@ -168,24 +176,45 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self._refresh_factor_params()
         return loss
 
+    def _synchronise_workers(self) -> None:
+        """Data parallel: average every gradient over the workers and take rank 0's buffers (BatchNorm
+        statistics), as DistributedDataParallel would. Every worker then computes the same step and takes
+        the same truncation decisions from the same numbers."""
+        if self.world_size <= 1:
+            return
+        _all_reduce_mean([p.grad for group in self.param_groups for p in group["params"] if p.grad is not None])
+        buffers = [b for b in self._model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        if buffers:
+            flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                b.copy_(value.reshape(b.shape))
+
     def _directions(self, i):
         """dK, dL from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
         layer, state = self.layers[i], self.layer_states[i]
         return self.rule.direction(state["K"], layer.U.grad), self.rule.direction(state["L"], layer.V.grad)
 
     def _rank_adaptive_step(self, active: list[int]) -> None:
-        lr, augmented = self.lr, {}
-        for i in active:  # phase 1: augmented bases and the S-step, per layer, no host sync
-            layer, state = self.layers[i], self.layer_states[i]
+        lr, augmented, new_bases = self.lr, {}, {}
+        for i in active:  # phase 1: the new directions Ũ, Ṽ from the K and L steps
+            layer = self.layers[i]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             dK, dL = self._directions(i)
-            size = layer.rank + ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
-            count = size - layer.rank
-            U_new = ig.new_directions(U0, ig.k_step(U0, S0, dK, lr), count)
-            V_new = ig.new_directions(V0, ig.l_step(V0, S0, dL, lr), count)
+            count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
+            new_bases[i] = (dK, dL, ig.new_directions(U0, ig.k_step(U0, S0, dK, lr), count),
+                            ig.new_directions(V0, ig.l_step(V0, S0, dL, lr), count))
+        if self.method == "adaptive":  # Ũ^T G Ṽ of every layer, from the inputs its backward kept
+            new_blocks = {i: self.layers[i].project_gradient(new_bases[i][2], new_bases[i][3]) for i in active}
+            if self.world_size > 1:
+                _all_reduce_mean(list(new_blocks.values()))
+        for i in active:  # phase 2: the S-step at the augmented basis and its SVD, per layer, no host sync
+            layer, state = self.layers[i], self.layer_states[i]
+            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            dK, dL, U_new, V_new = new_bases[i]
+            size = layer.rank + U_new.shape[1]
             if self.method == "adaptive":
-                grad = ig.augmented_gradient(layer.S.grad, layer.U.grad, layer.V.grad, U_new, V_new,
-                                             layer.project_gradient(U_new, V_new))
+                grad = ig.augmented_gradient(layer.S.grad, layer.U.grad, layer.V.grad, U_new, V_new, new_blocks[i])
                 state["S"] = lift_state(state["S"], size)
                 S1 = ig.augmented_core(S0, size) - lr * self.rule.direction(state["S"], grad)
             else:
@@ -198,12 +227,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if not augmented:
             return
         device = self.layers[active[0]].U.device
-        new_ranks = ig.truncation_ranks(  # phase 2: all truncation decisions, one host sync
+        new_ranks = ig.truncation_ranks(  # phase 3: all truncation decisions, one host sync
             [augmented[i][3] for i in active], self.tau, not self.absolute_tau,
             torch.tensor([self._r_min[i] for i in active], device=device),
             torch.tensor([self._r_max[i] for i in active], device=device),
         )
-        for i, r1 in zip(active, new_ranks):  # phase 3: new factors and state in the new bases
+        for i, r1 in zip(active, new_ranks):  # phase 4: new factors and state in the new bases
             layer, state = self.layers[i], self.layer_states[i]
             r0 = layer.rank
             U_hat, V_hat, P, sigma, Q = augmented[i]
@@ -229,6 +258,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()  # second pass, at the new bases
+        self._synchronise_workers()
         for i in active:
             self._s_step(i)
         self.dense_optimizer.step()
@@ -271,3 +301,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
             for s in state_dict["layer_states"]
         ]
         self.dense_optimizer.load_state_dict(state_dict["dense"])
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over the workers in place, with one collective for all of them."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for t, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(value.reshape(t.shape))

@@ -121,9 +121,48 @@ def input_spec(data_cfg: DictConfig) -> tuple[tuple[int, ...], int]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if there is one; under torchrun each worker takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+@dataclass
+class Workers:
+    """This process's place in a data-parallel run (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batches: Iterable) -> Iterable:
+        """Every worker draws the same global batch (same seed) and trains on its own slice of it."""
+        for x, y in batches:
+            yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+
+    def total(self, *values: float) -> list[float]:
+        """Sums over the workers (for losses and counts that each worker has for its own shard)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def init_workers(device: torch.device) -> Workers:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Workers()
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Workers(dist.get_rank(), dist.get_world_size())
 
 
 def code_version() -> str:
@@ -264,13 +303,15 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as `cfg` says, recording into run_dir; resume from its checkpoint if there is one."""
     device = resolve_device(cfg.device)
+    workers = init_workers(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_device_data(cfg, device)
 
     model = make_model(cfg, data.input_shape, data.num_classes).to(device)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only once data and model are there
+    if workers.is_main:  # only rank 0 writes, and only once data and model are there
+        run_dir.mkdir(parents=True, exist_ok=True)
     method = cfg.method.name
     finetune_epochs = cfg.finetune.epochs if method in ("adaptive", "parallel") else 0
     total_epochs = cfg.epochs + finetune_epochs
@@ -296,11 +337,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             scheduler.load_state_dict(checkpoint["scheduler"])
         _set_rng_state(checkpoint["rng"], generator)
         print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
-    else:
+    elif workers.is_main:
         _atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
     plan = f"{cfg.epochs} {method} epochs" + (f" + {finetune_epochs} {cfg.finetune.method} fine-tuning epochs" if finetune_epochs else "")
-    print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
+    if workers.is_main:
+        print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
     started = time.time()
     with _StopSignals() as stop:
         for epoch in range(start_epoch, total_epochs):
@@ -310,8 +352,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 scheduler = make_scheduler(cfg, optimizer)
             epoch_start = time.time()
             loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
-                       disable=not cfg.progress, file=sys.stderr)
+            bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+                       disable=not (cfg.progress and workers.is_main), file=sys.stderr)
             for xb, yb in bar:
                 def closure(xb=xb, yb=yb):
                     optimizer.zero_grad()
@@ -320,8 +362,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     return loss
 
                 loss, logits = _forward_backward(model, optimizer, xb, yb)
-                if not math.isfinite(loss.item()):
-                    _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}")
+                if not math.isfinite(workers.total(loss.item())[0]):  # all workers stop together
+                    _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}", workers.is_main)
                 optimizer.step(closure)
                 if stop.received:
                     raise Interrupted(f"{stop.received} received in epoch {epoch + 1}; the checkpoint of the last "
@@ -333,6 +375,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.time() - epoch_start
+            loss_sum, correct, seen = workers.total(loss_sum, correct, seen)
             val = evaluate(model, data.eval_batches["val"]())
             test = evaluate(model, data.eval_batches["test"]())
             if scheduler is not None:
@@ -348,9 +391,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 "lr": optimizer.lr, "epoch_time_s": train_time, "eval_time_s": time.time() - epoch_start - train_time,
             }
             rows.append(row)
+            is_best = best is None or val.loss < best["val_loss"]
+            best = row if is_best else best
+            if not workers.is_main:
+                continue
             write_csv(run_dir / "epochs.csv", rows)
-            if best is None or val.loss < best["val_loss"]:
-                best = row
+            if is_best:
                 save_torch(run_dir / "best_model.pt", model.state_dict())
             save_torch(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "epoch": epoch, "rows": rows, "best": best, "rng": _rng_state(generator),
@@ -370,8 +416,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_time_s_this_session": time.time() - started,
         "device": device_name(device), "torch": torch.__version__, "code_version": code_version(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "workers": workers.world_size,
     }
-    write_json(run_dir / "summary.json", summary)
+    if workers.is_main:
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -383,10 +431,11 @@ def _forward_backward(model, optimizer, xb, yb):
     return loss.detach(), logits.detach()
 
 
-def _fail(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str):
-    write_json(run_dir / "summary.json", {"status": "failed", "reason": reason, "epochs_completed": len(rows),
-                                          "model": cfg.model.name, "method": cfg.method.name, "tau": cfg.tau,
-                                          "seed": cfg.seed})
+def _fail(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str, write: bool = True):
+    if write:
+        write_json(run_dir / "summary.json", {"status": "failed", "reason": reason, "epochs_completed": len(rows),
+                                              "model": cfg.model.name, "method": cfg.method.name, "tau": cfg.tau,
+                                              "seed": cfg.seed})
     raise TrainingDiverged(f"{reason}; the last good epoch's checkpoint is kept in {run_dir}")
 
 
