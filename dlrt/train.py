@@ -351,31 +351,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 optimizer = make_optimizer(cfg, model, cfg.finetune.method)
                 scheduler = make_scheduler(cfg, optimizer)
             epoch_start = time.time()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+            bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch,
+                       desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                        disable=not (cfg.progress and workers.is_main), file=sys.stderr)
-            for xb, yb in bar:
-                def closure(xb=xb, yb=yb):
-                    optimizer.zero_grad()
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    return loss
-
-                loss, logits = _forward_backward(model, optimizer, xb, yb)
-                if not math.isfinite(workers.total(loss.item())[0]):  # all workers stop together
-                    _fail(run_dir, cfg, rows, f"loss became {loss.item()} in epoch {epoch + 1}", workers.is_main)
-                optimizer.step(closure)
-                if stop.received:
-                    raise Interrupted(f"{stop.received} received in epoch {epoch + 1}; the checkpoint of the last "
-                                      f"finished epoch is kept in {run_dir}: run the same command to resume")
-                loss_sum += loss.item() * len(yb)
-                correct += (logits.argmax(1) == yb).sum().item()
-                seen += len(yb)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks())
+            try:
+                loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop)
+            except (TrainingDiverged, Interrupted) as e:
+                if isinstance(e, TrainingDiverged) and workers.is_main:
+                    _record_failure(run_dir, cfg, rows, f"{e} in epoch {epoch + 1}")
+                raise type(e)(f"{e} in epoch {epoch + 1}; the checkpoint of the last finished epoch is kept in "
+                              f"{run_dir}" + ("" if isinstance(e, TrainingDiverged) else ": run the same command to resume")) from None
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.time() - epoch_start
-            loss_sum, correct, seen = workers.total(loss_sum, correct, seen)
             val = evaluate(model, data.eval_batches["val"]())
             test = evaluate(model, data.eval_batches["test"]())
             if scheduler is not None:
@@ -423,20 +411,43 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _forward_backward(model, optimizer, xb, yb):
-    optimizer.zero_grad()
-    logits = model(xb)
-    loss = F.cross_entropy(logits, yb)
-    loss.backward()
-    return loss.detach(), logits.detach()
+def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Workers, stop: _StopSignals):
+    """One pass over the batches; returns (loss sum, correct, seen) over all workers.
+
+    One host synchronisation per batch besides the optimizer's: the loss, checked before the step
+    so that a NaN never reaches the factors (their SVD would fail on it).
+    """
+    loss_sum, seen = 0.0, 0
+    correct = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    for xb, yb in batches:
+        def closure(xb=xb, yb=yb):  # a second pass, for method="fixed"
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        optimizer.zero_grad()
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        loss_value = loss.item()
+        if not math.isfinite(workers.total(loss_value)[0]):  # all workers stop together
+            raise TrainingDiverged(f"loss became {loss_value}")
+        optimizer.step(closure)
+        if stop.received:
+            raise Interrupted(f"{stop.received} received")
+        loss_sum += loss_value * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks(), refresh=False)
+    return workers.total(loss_sum, correct.item(), seen)
 
 
-def _fail(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str, write: bool = True):
-    if write:
-        write_json(run_dir / "summary.json", {"status": "failed", "reason": reason, "epochs_completed": len(rows),
-                                              "model": cfg.model.name, "method": cfg.method.name, "tau": cfg.tau,
-                                              "seed": cfg.seed})
-    raise TrainingDiverged(f"{reason}; the last good epoch's checkpoint is kept in {run_dir}")
+def _record_failure(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str) -> None:
+    write_json(run_dir / "summary.json", {"status": "failed", "reason": reason, "epochs_completed": len(rows),
+                                          "model": cfg.model.name, "method": cfg.method.name, "tau": cfg.tau,
+                                          "seed": cfg.seed})
 
 
 def _synthetic_options(data_cfg: DictConfig) -> dict:
