@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dlrt.cli import CONFIG_DIR, _options
+from dlrt.cli import CONFIG_DIR, _options, check_overrides
 from dlrt.train import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,9 +90,19 @@ def test_multirun_sweep_makes_one_folder_per_job(tmp_path):
     (["+unknown.key=1"], "dlrt has no setting 'unknown.key'"),
     (["tua=0.1"], "Could not override 'tua'"),
 ])
-def test_bad_input_is_refused_before_any_work(tmp_path, args, message):
-    result = dlrt_run(*args, f"out_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_is_refused_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        check_overrides([*args, f"out_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # no run folder, no partial files
+
+
+@pytest.mark.parametrize("args,message", [(["tau=1.5"], "tau=1.5 is outside [0, 1)"),
+                                          (["model=resnet9"], "unknown model 'resnet9'")])
+def test_the_command_exits_with_code_2_on_bad_input(tmp_path, args, message):
+    result = dlrt_run(*args, f"out_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
