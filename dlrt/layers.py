@@ -46,6 +46,14 @@ def _orthonormal_factors(weight: torch.Tensor, rank: int):
     return U[:, :rank], torch.diag(sigma[:rank]), V[:, :rank]
 
 
+def _in_forward_precision(saved, dy):
+    """The backward computes in the forward's precision (bf16 under autocast, where h came out in bf16);
+    autograd returns the gradients of the float32 factors in float32."""
+    x, h, U, S, V = saved
+    dtype = h.dtype
+    return (x.to(dtype), h, U.to(dtype), S.to(dtype), V.to(dtype)), dy.to(dtype)
+
+
 class _LowRankLayer(nn.Module):
     """What linear and conv layers share: factors, rank changes, state_dict with any rank."""
 
@@ -138,9 +146,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, S, V, bias, layer):
         h = x @ V  # (B, r)
-        y = h @ (U @ S).T
-        if bias is not None:
-            y = y + bias
+        y = F.linear(h, U @ S, bias)  # (not h @ K^T + bias: under autocast that would promote to float32)
         ctx.save_for_backward(x, h, U, S, V)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -148,7 +154,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, U, S, V = ctx.saved_tensors
+        (x, h, U, S, V), dy = _in_forward_precision(ctx.saved_tensors, dy)
         dz = dy @ U  # (B, r): gradient at z = h S^T
         grad_x = (dz @ S) @ V.T
         grad_U = dy.T @ h  # G V
@@ -190,6 +196,7 @@ class LowRankLinear(_LowRankLayer):
 
     @staticmethod
     def _project(x, dy, left, right):
+        x, dy = x.to(left.dtype), dy.to(left.dtype)  # kept in bf16 under autocast; the step is float32
         return (dy @ left).T @ (x @ right)
 
     def extra_repr(self) -> str:
@@ -215,7 +222,7 @@ class _LowRankConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, U, S, V = ctx.saved_tensors
+        (x, h, U, S, V), dy = _in_forward_precision(ctx.saved_tensors, dy)
         layer = ctx.layer
         dz = torch.einsum("bchw,cr->brhw", dy, U)  # gradient at z = S h
         dh = torch.einsum("brhw,rs->bshw", dz, S)
@@ -275,6 +282,7 @@ class LowRankConv2d(_LowRankLayer):
         return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self)
 
     def _project(self, x, dy, left, right):
+        x, dy = x.to(left.dtype), dy.to(left.dtype)  # kept in bf16 under autocast; the step is float32
         dy_left = torch.einsum("bchw,cr->brhw", dy, left)
         x_right = F.conv2d(x, self._kernel(right), None, self.stride, self.padding, self.dilation)
         return torch.einsum("brhw,bshw->rs", dy_left, x_right)

@@ -99,6 +99,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device} is unknown: choose auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision} is unknown: choose fp32 or bf16")
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ConfigError(f"threads={cfg.threads} must be a positive integer or null")
     if cfg.data.subset is not None and (not isinstance(cfg.data.subset, int) or cfg.data.subset < 1):
@@ -217,11 +219,12 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable) -> Evaluation:
+def evaluate(model, batches: Iterable, precision: str = "fp32") -> Evaluation:
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
-        logits = model(x)
+        with autocast(x.device, precision):
+            logits = model(x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -355,7 +358,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                        disable=not (cfg.progress and workers.is_main), file=sys.stderr)
             try:
-                loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop)
+                loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop, cfg.precision)
             except (TrainingDiverged, Interrupted) as e:
                 if isinstance(e, TrainingDiverged) and workers.is_main:
                     _record_failure(run_dir, cfg, rows, f"{e} in epoch {epoch + 1}")
@@ -364,8 +367,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.time() - epoch_start
-            val = evaluate(model, data.eval_batches["val"]())
-            test = evaluate(model, data.eval_batches["test"]())
+            val = evaluate(model, data.eval_batches["val"](), cfg.precision)
+            test = evaluate(model, data.eval_batches["test"](), cfg.precision)
             if scheduler is not None:
                 scheduler.step(val.loss)
             ranks = [layer.rank for layer in low_rank_layers(model)]
@@ -411,24 +414,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Workers, stop: _StopSignals):
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for forward and loss; the DLRT step (QR, SVD, truncation) always runs in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Workers, stop: _StopSignals,
+                precision: str = "fp32"):
     """One pass over the batches; returns (loss sum, correct, seen) over all workers.
 
     One host synchronisation per batch besides the optimizer's: the loss, checked before the step
     so that a NaN never reaches the factors (their SVD would fail on it).
     """
     loss_sum, seen = 0.0, 0
-    correct = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for xb, yb in batches:
         def closure(xb=xb, yb=yb):  # a second pass, for method="fixed"
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             return loss
 
         optimizer.zero_grad()
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        with autocast(device, precision):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
         loss.backward()
         loss_value = loss.item()
         if not math.isfinite(workers.total(loss_value)[0]):  # all workers stop together

@@ -105,3 +105,23 @@ def test_state_dict_loads_at_another_rank():
     b.load_state_dict(a.state_dict())
     assert b.rank == 3
     torch.testing.assert_close(b.dense_weight(), a.dense_weight())
+
+
+def test_bf16_autocast_keeps_factors_and_their_gradients_in_float32():
+    torch.manual_seed(0)
+    layers = [LowRankLinear(30, 20, 5), LowRankConv2d(3, 8, 3, 4, padding=1)]
+    inputs = [torch.randn(16, 30), torch.randn(4, 3, 8, 8)]
+    for layer, x in zip(layers, inputs):
+        layer.keep_step_inputs = True
+        layer(x).square().sum().backward()
+        reference = [p.grad.clone() for p in (layer.U, layer.S, layer.V)]
+        layer.zero_grad(), layer.clear_step_inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        for p, ref in zip((layer.U, layer.S, layer.V), reference):
+            assert p.dtype == p.grad.dtype == torch.float32
+            assert torch.linalg.norm(p.grad - ref) <= 0.05 * torch.linalg.norm(ref)
+        block = layer.project_gradient(torch.eye(layer.out_dim)[:, :2], torch.eye(layer.in_dim)[:, :2])
+        assert block.dtype == torch.float32

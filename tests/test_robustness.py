@@ -90,8 +90,9 @@ def test_nan_in_the_data_marks_the_run_failed(tmp_path, monkeypatch):
     assert summary["status"] == "failed" and "nan" in summary["reason"]
 
 
-def test_export_round_trip_in_both_formats(tmp_path):
-    cfg = compose_cfg("epochs=2", "tau=0.2")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_export_round_trip_in_both_formats(tmp_path, precision):
+    cfg = compose_cfg("epochs=2", "tau=0.2", f"precision={precision}")
     run_dir = tmp_path / "run"
     summary = train(cfg, run_dir)
     data = load_device_data(cfg, torch.device("cpu"))
@@ -100,7 +101,8 @@ def test_export_round_trip_in_both_formats(tmp_path):
         path = export_run(run_dir, fmt)
         sizes[fmt] = path.stat().st_size
         model = load_exported(path)
-        assert evaluate(model, data.eval_batches["test"]()).accuracy == pytest.approx(summary["selected"]["test_acc"])
+        accuracy = evaluate(model, data.eval_batches["test"](), precision).accuracy
+        assert accuracy == pytest.approx(summary["selected"]["test_acc"])
     assert sizes["factored"] < sizes["dense"]
 
 
