@@ -168,7 +168,7 @@ def init_workers(device: torch.device) -> Workers:
 
 
 def code_version() -> str:
-    """The git commit of the code that ran (with '+dirty' for uncommitted changes), when there is one."""
+    """The git commit of the code in the source tree (with '+dirty' for uncommitted changes), if any."""
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
@@ -176,6 +176,10 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+# Read when this module is imported, i.e. of the code this process runs, however long a sweep takes.
+CODE_VERSION = code_version()
 
 
 def device_name(device: torch.device) -> str:
@@ -405,7 +409,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "epochs": cfg.epochs, "finetune_epochs": finetune_epochs,
         "seconds_per_epoch": sum(r["epoch_time_s"] for r in rows) / len(rows),
         "wall_time_s_this_session": time.time() - started,
-        "device": device_name(device), "torch": torch.__version__, "code_version": code_version(),
+        "device": device_name(device), "torch": torch.__version__, "code_version": CODE_VERSION,
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "workers": workers.world_size,
     }
