@@ -18,7 +18,10 @@ Suites (`SUITES`):
 - ``linalg``: the QR/SVD calls of one adaptive step at the real shapes, as the optimizer makes them
   (one call per layer) against batched and Cholesky-based alternatives: evidence for the fast path.
 
-How it times. Synthetic random batches already on the device (no data loading). A training step is
+How it times. Synthetic random batches already on the device (no data loading), 64 distinct ones
+per case, cycled, so that no model memorises them (a memorised batch drives the gradients subnormal,
+which x86 CPUs process very slowly); subnormals are also flushed to zero while timing
+(--no-flush-denormal to keep them). A training step is
 zero_grad + forward + cross-entropy + backward + opt.step (for ``fixed`` opt.step(closure), which runs
 the second pass). Inference is one forward of the eval batch under torch.no_grad. Each runner first
 takes `--warmup` untimed steps; then the runners of a case take turns in rounds (so load that comes
@@ -189,12 +192,13 @@ def wait_for_idle(max_seconds: float, threshold_pct: float = 10.0, window: float
 class Meta:
     """Columns every CSV row carries."""
 
-    def __init__(self, device: torch.device, command: str):
+    def __init__(self, device: torch.device, command: str, flush_denormal: bool):
         self.fields = {
             "device": device.type,
             "device_name": device_name(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "flush_denormal": flush_denormal,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": command,
         }
@@ -284,7 +288,13 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
     return Runner(method, model, make_step(model, opt, dlrt_method == "fixed"), opt)
 
 
-def synthetic_batches(case: Case, device: torch.device, count: int = 4, seed: int = 1):
+def synthetic_batches(case: Case, device: torch.device, count: int, seed: int = 1):
+    """`count` distinct random batches (inputs and labels) on the device.
+
+    Enough of them that the timed steps do not memorise them: a dense FC net fits 4 batches of random
+    labels in ~30 Adam steps, and once its loss is ~0 the gradients go subnormal and the CPU slows down
+    for reasons that have nothing to do with the method (seen: a dense backward 10x slower).
+    """
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -432,7 +442,7 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
             base = build(case, device, low_rank=True)
             runners = [make_runner(m, case, device, base) for m in STEP_METHODS]
             ranks_start = {r.name: r.ranks() for r in runners}
-            batches = synthetic_batches(case, device)
+            batches = synthetic_batches(case, device, args.batches)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             common = dict(warmup=args.warmup, rounds=args.rounds, progress=bar, max_seconds=args.max_seconds,
                           min_steps=args.min_steps)
@@ -468,7 +478,7 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
     width = args.width
     ranks = args.ranks
     case = Case("timing_study", "fc", {"width": width}, 1, args.ts_batch, 0.1, "sgd", 0.01)
-    batches = synthetic_batches(case, device, count=2)
+    batches = synthetic_batches(case, device, max(2, args.batches // 8))
     timed = dict(warmup=args.ts_warmup, rounds=1, min_steps=args.min_steps, max_seconds=args.ts_max_seconds)
     total = (1 + 2 * len(ranks)) * args.ts_steps + (1 + len(ranks)) * args.ts_steps
     rows = []
@@ -608,7 +618,7 @@ STEP_PARTS = ("qr", "svd", "truncation+sync", "project_gradient", "set_factors",
 def breakdown_rows(case: Case, method: str, device, args, meta: Meta) -> list[dict]:
     runner = make_runner(method, case, device)
     model, opt = runner.model, runner.opt
-    batches = synthetic_batches(case, device)
+    batches = synthetic_batches(case, device, args.batches)
     sync = _sync(device)
     for i in range(args.warmup):
         runner.step(*batches[i % len(batches)])
@@ -771,6 +781,9 @@ def _atomic_write(path: str, write: Callable[[io.TextIOBase | io.BufferedIOBase]
     try:
         with os.fdopen(fd, "wb" if binary else "w", newline=None if binary else "") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -884,6 +897,11 @@ def parse_args(argv):
     p.add_argument("--ts-max-seconds", type=float, default=None, help="timing-study budget per runner and phase [15]")
     p.add_argument("--breakdown-steps", type=int, default=None, help="steps timed part by part [50]")
     p.add_argument("--linalg-reps", type=int, default=None, help="repetitions per linalg variant [50]")
+    p.add_argument("--batches", type=int, default=None,
+                   help="distinct synthetic batches per case, cycled (timing study: a 1/8 of it) [64]")
+    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.set_flush_denormal(True) while timing (CPU): subnormal floats are slow on x86 "
+                        "and say nothing about the method")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each case wait up to this many seconds for other processes to leave the CPU")
     args = p.parse_args(argv)
@@ -892,7 +910,7 @@ def parse_args(argv):
     defaults = {
         "steps": (3, 100), "infer_steps": (3, 100), "warmup": (1, 10), "rounds": (1, 10), "min_steps": (1, 3),
         "max_seconds": (5.0, 30.0), "width": (64, 5120), "ts_batch": (16, 500), "ts_steps": (2, 10),
-        "ts_warmup": (1, 2), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (2, 50), "linalg_reps": (2, 50),
+        "ts_warmup": (1, 2), "ts_max_seconds": (5.0, 15.0), "breakdown_steps": (2, 50), "linalg_reps": (2, 50), "batches": (4, 64),
     }
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -949,7 +967,16 @@ def _report_errors(rows: list[dict], say) -> None:
 
 def _run(args, args_list, prog) -> int:
     device = resolve_device(args.device)
-    meta = Meta(device, shlex.join([prog, *args_list]))
+    flushing = bool(args.flush_denormal) and torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        return _run_suites(args, args_list, prog, device, flushing)
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
+def _run_suites(args, args_list, prog, device, flushing) -> int:
+    meta = Meta(device, shlex.join([prog, *args_list]), flushing)
     if args.ranks is None:
         args.ranks = list(QUICK_TIMING_RANKS if args.quick else
                           PAPER_TIMING_RANKS if device.type == "cuda" else CPU_TIMING_RANKS)

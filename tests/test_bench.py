@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
     return code, out
 
 
-META = ("device", "device_name", "torch", "threads", "date", "command")
+META = ("device", "device_name", "torch", "threads", "flush_denormal", "date", "command")
 
 
 def test_writes_every_file(quick_run):
@@ -107,3 +107,10 @@ def test_crossover():
     text = bench.crossover(rows, "fixed", "train")
     assert text.startswith("~") and 20 < float(text[1:].split()[0]) < 40
     assert bench.crossover(rows[:2], "fixed", "train").startswith("> 20")
+
+
+def test_outputs_are_readable_by_others(quick_run):
+    mode = os.stat(quick_run[1] / "steps.csv").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
