@@ -73,6 +73,16 @@ def fixed_rank_basis(U0, S0, V0, K1, L1):
     return U1, (U1.T @ U0) @ S0 @ (V0.T @ V1), V1
 
 
+def svd(S1: torch.Tensor):
+    """SVD of an augmented core; in float64 when the float32 solver does not converge (seen with
+    hundreds of near-zero singular values at rank 640)."""
+    try:
+        return torch.linalg.svd(S1)
+    except torch.linalg.LinAlgError:
+        P, sigma, Qh = torch.linalg.svd(S1.double())
+        return P.to(S1.dtype), sigma.to(S1.dtype), Qh.to(S1.dtype)
+
+
 def truncation_ranks(sigmas: list[torch.Tensor], tau: float, relative: bool,
                      r_min: torch.Tensor, r_max: torch.Tensor) -> list[int]:
     """New ranks for many layers at once: for each descending σ (length p), the smallest r1 with

@@ -156,7 +156,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x, h, U, S, V), dy = _in_forward_precision(ctx.saved_tensors, dy)
         dz = dy @ U  # (B, r): gradient at z = h S^T
-        grad_x = (dz @ S) @ V.T
+        grad_x = (dz @ S) @ V.T if ctx.needs_input_grad[0] else None  # not for a first layer
         grad_U = dy.T @ h  # G V
         grad_V = x.T @ dz  # G^T U
         grad_S = dz.T @ h  # U^T G V
@@ -224,13 +224,18 @@ class _LowRankConv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x, h, U, S, V), dy = _in_forward_precision(ctx.saved_tensors, dy)
         layer = ctx.layer
-        dz = torch.einsum("bchw,cr->brhw", dy, U)  # gradient at z = S h
-        dh = torch.einsum("brhw,rs->bshw", dz, S)
-        grad_x = conv2d_input(x.shape, layer._kernel(V), dh, layer.stride, layer.padding, layer.dilation)
-        grad_U = torch.einsum("bchw,brhw->cr", dy, h)  # G V
-        grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz, layer.stride, layer.padding, layer.dilation)
-        grad_V = grad_V.reshape(V.shape[1], -1).T  # G^T U
-        grad_S = torch.einsum("brhw,bshw->rs", dz, h)  # U^T G V
+        # channels x pixels views: the 1x1 maps are batched matmuls (einsum would copy to permute)
+        dy_flat, h_flat = dy.flatten(2), h.flatten(2)  # (B, C_out, L), (B, r, L)
+        dz = U.T @ dy_flat  # gradient at z = S h
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not for a first layer
+            dh = (S.T @ dz).view(h.shape)
+            grad_x = conv2d_input(x.shape, layer._kernel(V), dh, layer.stride, layer.padding, layer.dilation)
+        h_t = h_flat.transpose(1, 2)
+        grad_U = (dy_flat @ h_t).sum(0)  # G V
+        grad_S = (dz @ h_t).sum(0)  # U^T G V
+        grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz.view(h.shape), layer.stride, layer.padding,
+                               layer.dilation).reshape(V.shape[1], -1).T  # G^T U
         grad_b = dy.sum((0, 2, 3)) if ctx.has_bias else None
         if layer.keep_step_inputs:
             layer._remember_step_inputs(x, dy)
@@ -283,9 +288,9 @@ class LowRankConv2d(_LowRankLayer):
 
     def _project(self, x, dy, left, right):
         x, dy = x.to(left.dtype), dy.to(left.dtype)  # kept in bf16 under autocast; the step is float32
-        dy_left = torch.einsum("bchw,cr->brhw", dy, left)
-        x_right = F.conv2d(x, self._kernel(right), None, self.stride, self.padding, self.dilation)
-        return torch.einsum("brhw,bshw->rs", dy_left, x_right)
+        dy_left = left.T @ dy.flatten(2)  # (B, r, L)
+        x_right = F.conv2d(x, self._kernel(right), None, self.stride, self.padding, self.dilation).flatten(2)
+        return (dy_left @ x_right.transpose(1, 2)).sum(0)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "

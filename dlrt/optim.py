@@ -221,7 +221,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 S_bar = S0 - lr * self.rule.direction(state["S"], layer.S.grad)
                 state["S"] = lift_state(state["S"], size)
                 S1 = ig.parallel_core(S_bar, dK, dL, U_new, V_new, lr)
-            P, sigma, Qh = torch.linalg.svd(S1)
+            P, sigma, Qh = ig.svd(S1)
             augmented[i] = (torch.cat([U0, U_new], 1), torch.cat([V0, V_new], 1), P, sigma, Qh.T)
 
         if not augmented:
