@@ -10,11 +10,9 @@ policy says: as the W-space matrices they stand for.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 from dlrt import DLRTOptimizer, low_rank_layers
-from dlrt.layers import LowRankConv2d
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
 
