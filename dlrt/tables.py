@@ -178,9 +178,11 @@ def settings_labels(runs: list[Run], grouped_by: tuple[str, ...] = ()) -> dict[s
     for method in {run.method for run in runs}:
         same = [run for run in runs if run.method == method]
         keys = sorted({key for run in same for key in run.config} - NOT_SETTINGS - set(grouped_by))
-        varying = [key for key in keys if len({run.config.get(key) for run in same}) > 1]
+        # A key that older runs' configs lack was added later, with a default that keeps the older
+        # behaviour: only values that are present can differ.
+        varying = [key for key in keys if len({run.config[key] for run in same if key in run.config}) > 1]
         for run in same:
-            labels[run.name] = ", ".join(f"{key}={run.config.get(key)}" for key in varying)
+            labels[run.name] = ", ".join(f"{key}={run.config[key]}" for key in varying if key in run.config)
     return labels
 
 
