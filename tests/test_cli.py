@@ -68,6 +68,13 @@ def test_multirun_sweep_makes_one_folder_per_job(tmp_path):
     assert {json.loads(p.read_text())["tau"] for p in summaries} == {0.1, 0.3}
 
 
+def test_joblib_launcher_runs_a_sweep_two_at_a_time(tmp_path):
+    result = dlrt_run("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=fc", "model.width=32",
+                      "finetune.epochs=0", "tau=0.1,0.3", *QUICK, f"out_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("*/summary.json"))) == 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["model=resnet9"], "unknown model 'resnet9': choose one of fc, lenet5"),
     (["data=cifar100"], "unknown data 'cifar100': choose one of"),
