@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 run: $(STAMP)
-	$(RUN) model=lenet5 tau=0.15 epochs=3 data.subset=10000
+	$(RUN) model=lenet5 tau=0.15 epochs=5 data.subset=20000
 
 # The paper's MNIST tables from real runs (finished runs are skipped, interrupted ones resume), then
 # results/tables/*.csv|md and results/plots/*.png. QUICK=1: a few epochs on a data subset, into
