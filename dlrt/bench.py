@@ -577,6 +577,7 @@ def patched_parts(timer: PartTimer, opt):
     targets = [
         (torch.linalg, "qr", "qr"),
         (torch.linalg, "svd", "svd"),
+        (torch.linalg, "eigh", "svd"),  # gram_svd, the CPU's SVD of the core
         (ig, "truncation_ranks", "truncation+sync"),
         (lr_layers._LowRankLayer, "project_gradient", "project_gradient"),
         (lr_layers._LowRankLayer, "set_factors", "set_factors"),

@@ -25,13 +25,34 @@ def l_step(V0, S0, dL, lr):
     return V0 @ S0.T - lr * dL
 
 
-def new_directions(U0: torch.Tensor, K1: torch.Tensor, count: int) -> torch.Tensor:
-    """Ũ: `count` orthonormal columns orthogonal to U0 such that span[U0, Ũ] ⊇ span[U0, K1].
+def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bool = False) -> torch.Tensor:
+    """Ũ: `count` orthonormal columns orthogonal to U0 such that span[U0, Ũ] ⊇ span[U0, K1], for the
+    K-step K1 = U0 S0 - lr dK of any lr (span[U0, K1] ⊆ span[U0, dK]; likewise for V0 and dL).
 
-    The QR of [U0, K1] starts with ±U0 (U0 is orthonormal), so its next columns are the new ones.
+    The QR of [U0, dK] starts with ±U0 (U0 is orthonormal), so its next columns are the new ones.
+
+    projected=True gets the same span from a QR of half the width (on a CPU 0.2 against 0.4 ms for a
+    500 x 50 factor, 250 against 430 ms for 5120 x 640): project U0 out of dK, factorise X = Q R and
+    project U0 out of Q; X = Q R and X ⟂ U0 keep X inside the span of the projected Q. Column j of Q
+    leans on U0 by about eps ‖dK‖ / |R_jj|. Where all |R_jj| > √eps ‖dK‖, the projected Q is
+    orthonormal to eps. Otherwise dK has fewer than `count` directions outside span U0 (a batch
+    smaller than the rank bounds the gradient's rank; a zero step has none), Householder filled the
+    deficient columns with directions of its own choosing, and the projected Q is orthonormalised
+    by a second QR; only if a column of Q lay mostly inside span U0 is the full QR taken. The checks
+    cost a host sync per call: free on a CPU.
     """
     r = U0.shape[1]
-    Q, _ = torch.linalg.qr(torch.cat([U0, K1], dim=1))
+    dK = dK[:, :count]
+    if projected and count > 0:
+        Q, R = torch.linalg.qr(dK - U0 @ (U0.T @ dK))
+        Q = Q - U0 @ (U0.T @ Q)
+        tolerance = torch.finfo(dK.dtype).eps ** 0.5 * torch.linalg.matrix_norm(dK)
+        if bool((R.diagonal().abs() > tolerance).all()):
+            return Q
+        Q, R = torch.linalg.qr(Q)
+        if bool((R.diagonal().abs() > 0.1).all()):  # then Q leans on U0 by at most ~10 eps
+            return Q
+    Q, _ = torch.linalg.qr(torch.cat([U0, dK], dim=1))
     return Q[:, r : r + count]
 
 
@@ -81,6 +102,28 @@ def svd(S1: torch.Tensor):
     except torch.linalg.LinAlgError:
         P, sigma, Qh = torch.linalg.svd(S1.double())
         return P.to(S1.dtype), sigma.to(S1.dtype), Qh.to(S1.dtype)
+
+
+# Singular vectors from the Gram matrix are accurate to about eps64 (σ_1 / σ_k)^2: keep σ_k above this.
+GRAM_SVD_MIN_RATIO = 1e-4
+
+
+def gram_svd(S1: torch.Tensor):
+    """The SVD of S1 from the eigendecomposition of S1 S1^T in float64: S1 S1^T = P diag(σ^2) P^T and
+    Q = S1^T P diag(1/σ). Faster than torch.linalg.svd on a CPU (0.72 against 0.87 ms at 106 x 106),
+    exact enough only for the singular triplets with σ_k ≥ GRAM_SVD_MIN_RATIO σ_1: check the kept ones
+    with gram_svd_accurate. Columns of Q for σ_k = 0 are left at zero."""
+    A = S1.double()
+    lam, P = torch.linalg.eigh(A @ A.T)
+    lam, P = lam.flip(0), P.flip(1)  # eigh sorts ascending
+    sigma = lam.clamp_min(0).sqrt()
+    Q = (A.T @ P) / torch.where(sigma > 0, sigma, 1)
+    return P.to(S1.dtype), sigma.to(S1.dtype), Q.T.to(S1.dtype)
+
+
+def gram_svd_accurate(sigma: torch.Tensor, rank: int) -> bool:
+    """Whether gram_svd's leading `rank` triplets are as good as an SVD's."""
+    return rank == 0 or bool(sigma[rank - 1] >= GRAM_SVD_MIN_RATIO * sigma[0])
 
 
 def truncation_ranks(sigmas: list[torch.Tensor], tau: float, relative: bool,

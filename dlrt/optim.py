@@ -103,9 +103,10 @@ class DLRTOptimizer(torch.optim.Optimizer):
             return given(params)
         # torch refuses an empty parameter list; a placeholder keeps the code paths uniform
         params = params or [torch.zeros(0, requires_grad=True)]
+        # foreach: one call for all the small tensors (biases, a classifier); torch picks it only on GPUs
         if rule == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
 
     @torch.no_grad()
     def _absorb_singular_values(self):
@@ -118,7 +119,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def _fresh_layer_state(self, layer) -> dict:
         # K and L states have the shapes of U and V (n x r, m x r), the S state that of S
-        return {"K": self.rule.init_state(layer.U), "L": self.rule.init_state(layer.V), "S": self.rule.init_state(layer.S)}
+        return {"K": self.rule.init_state(layer.U, rows_share_state=True),
+                "L": self.rule.init_state(layer.V, rows_share_state=True),
+                "S": self.rule.init_state(layer.S)}
 
     @property
     def lr(self) -> float:
@@ -197,18 +200,26 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def _rank_adaptive_step(self, active: list[int]) -> None:
         lr, augmented, new_bases = self.lr, {}, {}
-        for i in active:  # phase 1: the new directions Ũ, Ṽ from the K and L steps
+        if not active:
+            return
+        # On a CPU a host sync is free, and the QR and SVD variants that need one to check their accuracy
+        # are faster (new_directions, gram_svd); on a GPU the plain ones keep the step at one sync. The
+        # Gram route, in float64, is as accurate as a float32 SVD, not as a float64 one.
+        factor = self.layers[active[0]].U
+        on_cpu = factor.device.type == "cpu"
+        via_gram = on_cpu and factor.dtype != torch.float64
+        for i in active:  # phase 1: the new directions Ũ, Ṽ from the K- and L-step directions
             layer = self.layers[i]
-            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            U0, V0 = layer.U.detach(), layer.V.detach()
             dK, dL = self._directions(i)
             count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
-            new_bases[i] = (dK, dL, ig.new_directions(U0, ig.k_step(U0, S0, dK, lr), count),
-                            ig.new_directions(V0, ig.l_step(V0, S0, dL, lr), count))
+            new_bases[i] = (dK, dL, ig.new_directions(U0, dK, count, projected=on_cpu),
+                            ig.new_directions(V0, dL, count, projected=on_cpu))
         if self.method == "adaptive":  # Ũ^T G Ṽ of every layer, from the inputs its backward kept
             new_blocks = {i: self.layers[i].project_gradient(new_bases[i][2], new_bases[i][3]) for i in active}
             if self.world_size > 1:
                 _all_reduce_mean(list(new_blocks.values()))
-        for i in active:  # phase 2: the S-step at the augmented basis and its SVD, per layer, no host sync
+        for i in active:  # phase 2: the S-step at the augmented basis and its SVD, per layer (no host sync on a GPU)
             layer, state = self.layers[i], self.layer_states[i]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             dK, dL, U_new, V_new = new_bases[i]
@@ -221,21 +232,21 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 S_bar = S0 - lr * self.rule.direction(state["S"], layer.S.grad)
                 state["S"] = lift_state(state["S"], size)
                 S1 = ig.parallel_core(S_bar, dK, dL, U_new, V_new, lr)
-            P, sigma, Qh = ig.svd(S1)
-            augmented[i] = (torch.cat([U0, U_new], 1), torch.cat([V0, V_new], 1), P, sigma, Qh.T)
+            P, sigma, Qh = ig.gram_svd(S1) if via_gram else ig.svd(S1)
+            augmented[i] = (torch.cat([U0, U_new], 1), torch.cat([V0, V_new], 1), S1, P, sigma, Qh.T)
 
-        if not augmented:
-            return
-        device = self.layers[active[0]].U.device
         new_ranks = ig.truncation_ranks(  # phase 3: all truncation decisions, one host sync
-            [augmented[i][3] for i in active], self.tau, not self.absolute_tau,
-            torch.tensor([self._r_min[i] for i in active], device=device),
-            torch.tensor([self._r_max[i] for i in active], device=device),
+            [augmented[i][4] for i in active], self.tau, not self.absolute_tau,
+            torch.tensor([self._r_min[i] for i in active], device=factor.device),
+            torch.tensor([self._r_max[i] for i in active], device=factor.device),
         )
         for i, r1 in zip(active, new_ranks):  # phase 4: new factors and state in the new bases
             layer, state = self.layers[i], self.layer_states[i]
             r0 = layer.rank
-            U_hat, V_hat, P, sigma, Q = augmented[i]
+            U_hat, V_hat, S1, P, sigma, Q = augmented[i]
+            if via_gram and not ig.gram_svd_accurate(sigma, r1):
+                P, sigma, Qh = ig.svd(S1)
+                Q = Qh.T
             P1, Q1 = P[:, :r1], Q[:, :r1]
             layer.set_factors(U_hat @ P1, torch.diag(sigma[:r1]), V_hat @ Q1)
             policy = self.state_policy

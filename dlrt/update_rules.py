@@ -30,7 +30,7 @@ class SGDRule:
             raise ValueError(f"momentum must be >= 0, got {momentum}")
         self.momentum = momentum
 
-    def init_state(self, like: torch.Tensor) -> dict:
+    def init_state(self, like: torch.Tensor, rows_share_state: bool = False) -> dict:
         return {"momentum": torch.zeros_like(like)} if self.momentum else {}
 
     def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
@@ -51,23 +51,29 @@ class AdamRule:
     (mass = beta * mass + 1 - beta), moved with the state when bases change. A direction that the
     augmentation just added starts at mass 0 and gets a first step like a fresh Adam's, instead of
     the inflated step that a zero second moment with a global step count would give it.
+
+    For K and L, whose rows never change basis, every row has the same mass: it is kept as one row
+    (1 x r) that broadcasts, which saves half the work of moving Adam's state.
     """
 
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8):
         self.beta1, self.beta2 = betas
         self.eps = eps
 
-    def init_state(self, like: torch.Tensor) -> dict:
-        return {key: torch.zeros_like(like) for key in ("exp_avg", "exp_avg_sq", "mass", "mass_sq")}
+    def init_state(self, like: torch.Tensor, rows_share_state: bool = False) -> dict:
+        """rows_share_state: the factor's rows keep their basis (K, L), so the masses are one row."""
+        mass = like.new_zeros(1, like.shape[1]) if rows_share_state else torch.zeros_like(like)
+        return {"exp_avg": torch.zeros_like(like), "exp_avg_sq": torch.zeros_like(like),
+                "mass": mass, "mass_sq": mass.clone()}
 
     def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
         b1, b2 = self.beta1, self.beta2
-        state["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
+        state["exp_avg"].lerp_(grad, 1 - b1)
         state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
         state["mass"].mul_(b1).add_(1 - b1)
         state["mass_sq"].mul_(b2).add_(1 - b2)
-        v_hat = state["exp_avg_sq"] / state["mass_sq"]
-        return (state["exp_avg"] / state["mass"]) / (v_hat.sqrt() + self.eps)
+        denominator = (state["exp_avg_sq"] / state["mass_sq"]).sqrt_().add_(self.eps)
+        return (state["exp_avg"] / state["mass"]).div_(denominator)
 
     linear_entries = ("exp_avg",)
     square_entries = ("exp_avg_sq", "mass", "mass_sq")
@@ -93,16 +99,14 @@ def change_basis(state: dict, rule, policy: str, left: torch.Tensor | None, righ
     left (old_rows x new_rows, or None when the rows keep their basis) and right (old_cols x new_cols)
     are the overlaps of old and new bases, e.g. right = V_old^T V_new.
     """
-    if not state:
-        return state
-    old_shape = next(iter(state.values())).shape
-    new_shape = (old_shape[0] if left is None else left.shape[1], right.shape[1])
     moved = {}
+    square_left = None if left is None else left * left
+    square_right = right * right
     for key, value in state.items():
+        old_shape = value.shape
+        new_shape = (old_shape[0] if left is None else left.shape[1], right.shape[1])
         if policy == "project":
-            square = key in rule.square_entries
-            a = None if left is None else (left * left if square else left)
-            b = right * right if square else right
+            a, b = (square_left, square_right) if key in rule.square_entries else (left, right)
             moved[key] = (value if a is None else a.T @ value) @ b
         elif policy == "reset" and tuple(new_shape) != tuple(old_shape):
             moved[key] = value.new_zeros(new_shape)

@@ -74,7 +74,8 @@ def test_breakdown_csv(quick_run):
     adaptive = {r["part"]: r for r in rows if r["case"] == "lenet5_t0.15" and r["method"] == "adaptive"}
     for part in ("forward+loss", "backward", "qr", "svd", "truncation+sync", "step_other", "total"):
         assert part in adaptive, part
-    assert float(adaptive["qr"]["calls_per_step"]) == 6  # [U0, K1] and [V0, L1] for 3 layers
+    # one QR per factor of 3 layers, a second where a batch of 16 leaves the step fewer directions than the rank
+    assert 6 <= float(adaptive["qr"]["calls_per_step"]) <= 12
     assert float(adaptive["svd"]["calls_per_step"]) == 3
     assert abs(float(adaptive["total"]["pct"]) - 100) < 1e-6
     assert all(_positive(r["mean_ms"]) for r in adaptive.values() if r["part"] != "step_other")
