@@ -146,7 +146,12 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, S, V, bias, layer):
         h = x @ V  # (B, r)
-        y = F.linear(h, U @ S, bias)  # (not h @ K^T + bias: under autocast that would promote to float32)
+        # F.linear, not h @ K^T + bias: under autocast that would promote to float32. The cheaper order:
+        # K = U S costs n r^2, h S^T costs B r^2 (at rank 1280 of 5120 and batch 500, 8.4 against 0.8 GMAC)
+        if h.shape[0] < U.shape[0]:
+            y = F.linear(F.linear(h, S), U, bias)
+        else:
+            y = F.linear(h, U @ S, bias)
         ctx.save_for_backward(x, h, U, S, V)
         ctx.layer = layer
         ctx.has_bias = bias is not None

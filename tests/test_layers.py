@@ -13,12 +13,13 @@ def float64():
     torch.manual_seed(0)
 
 
-def test_linear_forward_and_gradients_match_dense():
+@pytest.mark.parametrize("lead", [(7, 3), (2, 3)], ids=["batch above n", "batch below n"])  # both orders of S
+def test_linear_forward_and_gradients_match_dense(lead):
     layer = LowRankLinear(30, 20, 5).double()
-    x = torch.randn(7, 3, 30, dtype=torch.float64, requires_grad=True)  # leading dims are kept
+    x = torch.randn(*lead, 30, dtype=torch.float64, requires_grad=True)  # leading dims are kept
     W = layer.dense_weight().detach().requires_grad_()
     y, y_ref = layer(x), F.linear(x, W, layer.bias)
-    assert y.shape == (7, 3, 20)
+    assert y.shape == (*lead, 20)
     torch.testing.assert_close(y, y_ref)
     dy = torch.randn_like(y)
     grad_x = torch.autograd.grad(y, x, dy, retain_graph=True)[0]
