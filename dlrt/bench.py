@@ -704,36 +704,44 @@ def _padded(mats: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(m, (0, cols - m.shape[-1], 0, rows - m.shape[-2])) for m in mats])
 
 
-def linalg_shapes(case: Case, device) -> tuple[list[tuple[int, int]], list[int]]:
-    """The QR inputs [U0, K1] / [V0, L1] and the SVD cores of one adaptive step at the case's ranks."""
+def linalg_shapes(case: Case, device) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(rows, rank, new directions) of the factors U and V, and the SVD cores, of one adaptive step at
+    the case's ranks."""
     model = build(case, device, low_rank=True)
-    qr_shapes, cores = [], []
+    factors, cores = [], []
     for layer in lr_layers.low_rank_layers(model):
         r = layer.rank
-        size = r + ig.augmentation_size(r, layer.out_dim, layer.in_dim)
-        qr_shapes += [(layer.out_dim, 2 * r), (layer.in_dim, 2 * r)]
-        cores.append(size)
-    return qr_shapes, cores
+        count = ig.augmentation_size(r, layer.out_dim, layer.in_dim)
+        factors += [(layer.out_dim, r, count), (layer.in_dim, r, count)]
+        cores.append(r + count)
+    return factors, cores
 
 
 def suite_linalg(args, device, meta: Meta) -> list[dict]:
-    """One step's worth of QR and SVD at the real shapes: as called now (one per layer) vs alternatives."""
+    """One step's worth of QR and SVD at the real shapes: the GPU's and the CPU's way (the one this
+    device takes is marked "(now)") against alternatives."""
     rows = []
     sync = _sync(device)
     g = torch.Generator(device="cpu").manual_seed(0)
     reps = args.linalg_reps
+    here = {True: " (now)", False: ""}
+    on_cpu = device.type == "cpu"
     for case in step_cases(args.quick)[:2]:
         wait_for_idle(args.wait_idle)
-        qr_shapes, cores = linalg_shapes(case, device)
-        As = [torch.randn(s, generator=g).to(device) for s in qr_shapes]
+        factors, cores = linalg_shapes(case, device)
+        bases = [(torch.linalg.qr(torch.randn(n, r, generator=g))[0].to(device),
+                  torch.randn(n, r, generator=g).to(device), count) for n, r, count in factors]
+        As = [torch.cat([U0, dK], 1) for U0, dK, _ in bases]
         Ss = [(torch.diag(torch.rand(k, generator=g) + 0.1) + 1e-3 * torch.randn(k, k, generator=g)).to(device)
               for k in cores]
         As_pad, Ss_pad = _padded(As), _padded(Ss)
         variants = {
-            "qr: loop torch.linalg.qr (now)": lambda: [torch.linalg.qr(A) for A in As],
-            "qr: one batched torch.linalg.qr, zero-padded": lambda: torch.linalg.qr(As_pad),
-            "qr: loop CholeskyQR2": lambda: [_cholesky_qr2(A) for A in As],
-            "svd: loop torch.linalg.svd (now)": lambda: [torch.linalg.svd(S) for S in Ss],
+            f"qr: full QR of [U0, dK]{here[not on_cpu]}": lambda: [ig.new_directions(*b, projected=False) for b in bases],
+            f"qr: projected, half the width{here[on_cpu]}": lambda: [ig.new_directions(*b, projected=True) for b in bases],
+            "qr: one batched torch.linalg.qr of [U0, dK], zero-padded": lambda: torch.linalg.qr(As_pad),
+            "qr: loop CholeskyQR2 of [U0, dK]": lambda: [_cholesky_qr2(A) for A in As],
+            f"svd: loop torch.linalg.svd{here[not on_cpu]}": lambda: [ig.svd(S) for S in Ss],
+            f"svd: loop gram_svd (float64 eigh of S S^T){here[on_cpu]}": lambda: [ig.gram_svd(S) for S in Ss],
             "svd: one batched torch.linalg.svd, zero-padded": lambda: torch.linalg.svd(Ss_pad),
             "svd: loop torch.linalg.svdvals": lambda: [torch.linalg.svdvals(S) for S in Ss],
             "svd: loop eigh(S S^T)": lambda: [torch.linalg.eigh(S @ S.mT) for S in Ss],
@@ -762,7 +770,7 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
                              "note": f"failed: {str(error).splitlines()[0][:80]}", **meta.fields})
                 continue
             rows.append({"suite": "linalg", "case": case.name, "variant": name,
-                         "qr_shapes": " ".join(f"{n}x{k}" for n, k in qr_shapes),
+                         "qr_shapes": " ".join(f"{n}x{2 * r}" for n, r, _ in factors),
                          "svd_sizes": " ".join(str(k) for k in cores), **summary(times),
                          "cpu_ms": _quantile(cpu_times, 0.5), "note": "",
                          "others_cpu_pct": share.others_pct(),

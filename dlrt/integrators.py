@@ -36,10 +36,11 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
     project U0 out of Q; X = Q R and X ⟂ U0 keep X inside the span of the projected Q. Column j of Q
     leans on U0 by about eps ‖dK‖ / |R_jj|. Where all |R_jj| > √eps ‖dK‖, the projected Q is
     orthonormal to eps. Otherwise dK has fewer than `count` directions outside span U0 (a batch
-    smaller than the rank bounds the gradient's rank; a zero step has none), Householder filled the
-    deficient columns with directions of its own choosing, and the projected Q is orthonormalised
-    by a second QR; only if a column of Q lay mostly inside span U0 is the full QR taken. The checks
-    cost a host sync per call: free on a CPU.
+    smaller than the rank bounds the gradient's rank; a zero step has none), and Householder filled
+    the deficient columns with directions of its own choosing, which may lean on U0: those few are
+    orthogonalised against U0 and the good columns, and orthonormalised by a QR of their own. Only
+    if one of them lay mostly inside that span is the full QR taken. The checks cost a host sync per
+    call: free on a CPU.
     """
     r = U0.shape[1]
     dK = dK[:, :count]
@@ -47,11 +48,15 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
         Q, R = torch.linalg.qr(dK - U0 @ (U0.T @ dK))
         Q = Q - U0 @ (U0.T @ Q)
         tolerance = torch.finfo(dK.dtype).eps ** 0.5 * torch.linalg.matrix_norm(dK)
-        if bool((R.diagonal().abs() > tolerance).all()):
+        deficient = R.diagonal().abs() <= tolerance
+        if not bool(deficient.any()):
             return Q
-        Q, R = torch.linalg.qr(Q)
-        if bool((R.diagonal().abs() > 0.1).all()):  # then Q leans on U0 by at most ~10 eps
-            return Q
+        good, filled = Q[:, ~deficient], Q[:, deficient]
+        for _ in range(2):  # twice is enough
+            filled = filled - U0 @ (U0.T @ filled) - good @ (good.T @ filled)
+        filled, R = torch.linalg.qr(filled)
+        if bool((R.diagonal().abs() > 0.1).all()):  # then they lean on U0 and the rest by at most ~10 eps
+            return torch.cat([good, filled], dim=1)
     Q, _ = torch.linalg.qr(torch.cat([U0, dK], dim=1))
     return Q[:, r : r + count]
 

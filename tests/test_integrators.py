@@ -45,8 +45,8 @@ def test_projected_new_directions_are_orthonormal_orthogonal_to_u0_and_span_the_
 
 
 @pytest.mark.parametrize("dK,widths", [
-    (lambda U0: U0 @ torch.ones(5, 5), [5, 5]),  # nothing outside span U0: orthonormalised again
-    (lambda U0: torch.cat([torch.randn(50, 2), U0[:, :3]], 1), [5, 5]),  # two directions outside
+    (lambda U0: U0 @ torch.ones(5, 5), [5, 5]),  # nothing outside span U0: all 5 filled in
+    (lambda U0: torch.cat([torch.randn(50, 2), U0[:, :3]], 1), [5, 3]),  # two directions outside, 3 filled in
     (lambda U0: torch.zeros(50, 5), [5, 5]),  # no step at all
     (lambda U0: torch.zeros(50, 5), [5, 5, 10]),  # ... where Householder's own completion is span U0: full QR
 ])
