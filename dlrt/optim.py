@@ -77,6 +77,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.rule = make_rule(optimizer, momentum, betas, eps)
         self._r_min = [min(r_min, layer.max_rank) for layer in self.layers]
         self._r_max = [layer.max_rank // 2 if r_max is None else min(r_max, layer.max_rank) for layer in self.layers]
+        self._bounds_cache = None  # (key, r_min, r_max tensors), see _rank_bounds
 
         factors = [p for layer in self.layers for p in (layer.U, layer.S, layer.V)]
         factor_ids = {id(p) for p in factors}
@@ -237,8 +238,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
         new_ranks = ig.truncation_ranks(  # phase 3: all truncation decisions, one host sync
             [augmented[i][4] for i in active], self.tau, not self.absolute_tau,
-            torch.tensor([self._r_min[i] for i in active], device=factor.device),
-            torch.tensor([self._r_max[i] for i in active], device=factor.device),
+            *self._rank_bounds(active, factor.device),
         )
         for i, r1 in zip(active, new_ranks):  # phase 4: new factors and state in the new bases
             layer, state = self.layers[i], self.layer_states[i]
@@ -253,6 +253,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
             state["K"] = change_basis(state["K"], self.rule, policy, None, Q1[:r0])  # V0^T V1
             state["L"] = change_basis(state["L"], self.rule, policy, None, P1[:r0])  # U0^T U1
             state["S"] = change_basis(state["S"], self.rule, policy, P1, Q1)
+
+    def _rank_bounds(self, active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """r_min and r_max of the active layers as tensors on the device, made once (no copy per step)."""
+        key = (tuple(active), tuple(self._r_min[i] for i in active), tuple(self._r_max[i] for i in active), device)
+        if self._bounds_cache is None or self._bounds_cache[0] != key:
+            self._bounds_cache = (key, torch.tensor(key[1], device=device), torch.tensor(key[2], device=device))
+        return self._bounds_cache[1], self._bounds_cache[2]
 
     def _fixed_rank_step(self, closure):
         lr, policy = self.lr, self.state_policy
