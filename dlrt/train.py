@@ -434,22 +434,19 @@ def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Wor
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)
     for xb, yb in batches:
-        def closure(xb=xb, yb=yb):  # a second pass, for method="fixed"
+        def forward_backward(xb=xb, yb=yb):
             optimizer.zero_grad()
             with autocast(device, precision):
-                loss = F.cross_entropy(model(xb), yb)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
             loss.backward()
-            return loss
+            return loss, logits
 
-        optimizer.zero_grad()
-        with autocast(device, precision):
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-        loss.backward()
+        loss, logits = forward_backward()
         loss_value = loss.item()
         if not math.isfinite(workers.total(loss_value)[0]):  # all workers stop together
             raise TrainingDiverged(f"loss became {loss_value}")
-        optimizer.step(closure)
+        optimizer.step(lambda: forward_backward()[0])  # the closure: a second pass, for method="fixed"
         if stop.received:
             raise Interrupted(f"{stop.received} received")
         loss_sum += loss_value * len(yb)
