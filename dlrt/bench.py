@@ -584,8 +584,8 @@ def patched_parts(timer: PartTimer, opt):
         (optim_module, "change_basis", "state_moves"),
         (optim_module, "lift_state", "state_moves"),
     ]
-    if isinstance(opt, DLRTOptimizer) and hasattr(getattr(opt, "rule", None), "direction"):
-        targets.append((opt.rule, "direction", "update_rule"))
+    if isinstance(opt, DLRTOptimizer) and hasattr(getattr(opt, "rule", None), "directions"):
+        targets.append((opt.rule, "directions", "update_rule"))
     if isinstance(opt, DLRTOptimizer):
         targets.append((opt.dense_optimizer, "step", "dense_params_step"))
     saved = []

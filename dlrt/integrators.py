@@ -92,6 +92,12 @@ def parallel_core(S_bar, dK, dL, U_new, V_new, lr):
     return torch.cat([top, bottom], dim=0)
 
 
+def rotate(U0: torch.Tensor, U_new: torch.Tensor, P1: torch.Tensor) -> torch.Tensor:
+    """[U0, Ũ] P1, the truncated new basis, without forming [U0, Ũ]."""
+    r = U0.shape[1]
+    return torch.addmm(U0 @ P1[:r], U_new, P1[r:])
+
+
 def fixed_rank_basis(U0, S0, V0, K1, L1):
     """Fixed-rank KLS basis update: U1 = orth(K1), V1 = orth(L1), S̃ = (U1^T U0) S0 (V0^T V1)."""
     U1, _ = torch.linalg.qr(K1)

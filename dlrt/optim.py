@@ -170,8 +170,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if self.method in ("adaptive", "parallel"):
             self._rank_adaptive_step(active)
         elif self.method == "s_only":
-            for i in active:
-                self._s_step(i)
+            self._s_steps(active)
         else:
             self._vanilla_step(active)
         self.dense_optimizer.step()
@@ -194,13 +193,17 @@ class DLRTOptimizer(torch.optim.Optimizer):
             for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
                 b.copy_(value.reshape(b.shape))
 
-    def _directions(self, i):
-        """dK, dL from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
-        layer, state = self.layers[i], self.layer_states[i]
-        return self.rule.direction(state["K"], layer.U.grad), self.rule.direction(state["L"], layer.V.grad)
+    def _directions(self, active: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """dK, dL per active layer, from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
+        states = [self.layer_states[i]["K"] for i in active] + [self.layer_states[i]["L"] for i in active]
+        grads = [self.layers[i].U.grad for i in active] + [self.layers[i].V.grad for i in active]
+        found = self.rule.directions(states, grads)
+        return dict(zip(active, zip(found[: len(active)], found[len(active):])))
+
+    def _s_directions(self, active: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.rule.directions([self.layer_states[i]["S"] for i in active], grads)
 
     def _rank_adaptive_step(self, active: list[int]) -> None:
-        lr, augmented, new_bases = self.lr, {}, {}
         if not active:
             return
         # On a CPU a host sync is free, and the QR and SVD variants that need one to check their accuracy
@@ -209,50 +212,51 @@ class DLRTOptimizer(torch.optim.Optimizer):
         factor = self.layers[active[0]].U
         on_cpu = factor.device.type == "cpu"
         via_gram = on_cpu and factor.dtype != torch.float64
+        steps = self._directions(active)
+        new_bases = {}
         for i in active:  # phase 1: the new directions Ũ, Ṽ from the K- and L-step directions
-            layer = self.layers[i]
-            U0, V0 = layer.U.detach(), layer.V.detach()
-            dK, dL = self._directions(i)
+            layer, (dK, dL) = self.layers[i], steps[i]
             count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
-            new_bases[i] = (dK, dL, ig.new_directions(U0, dK, count, projected=on_cpu),
-                            ig.new_directions(V0, dL, count, projected=on_cpu))
-        if self.method == "adaptive":  # Ũ^T G Ṽ of every layer, from the inputs its backward kept
-            new_blocks = {i: self.layers[i].project_gradient(new_bases[i][2], new_bases[i][3]) for i in active}
-            if self.world_size > 1:
-                _all_reduce_mean(list(new_blocks.values()))
-        for i in active:  # phase 2: the S-step at the augmented basis and its SVD, per layer (no host sync on a GPU)
-            layer, state = self.layers[i], self.layer_states[i]
-            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-            dK, dL, U_new, V_new = new_bases[i]
-            size = layer.rank + U_new.shape[1]
-            if self.method == "adaptive":
-                grad = ig.augmented_gradient(layer.S.grad, layer.U.grad, layer.V.grad, U_new, V_new, new_blocks[i])
-                state["S"] = lift_state(state["S"], size)
-                S1 = ig.augmented_core(S0, size) - lr * self.rule.direction(state["S"], grad)
-            else:
-                S_bar = S0 - lr * self.rule.direction(state["S"], layer.S.grad)
-                state["S"] = lift_state(state["S"], size)
-                S1 = ig.parallel_core(S_bar, dK, dL, U_new, V_new, lr)
-            P, sigma, Qh = ig.gram_svd(S1) if via_gram else ig.svd(S1)
-            augmented[i] = (torch.cat([U0, U_new], 1), torch.cat([V0, V_new], 1), S1, P, sigma, Qh.T)
-
+            new_bases[i] = (ig.new_directions(layer.U.detach(), dK, count, projected=on_cpu),
+                            ig.new_directions(layer.V.detach(), dL, count, projected=on_cpu))
+        cores = self._augmented_cores(active, steps, new_bases)  # phase 2: the S-step and its SVD
+        svds = {i: ig.gram_svd(S1) if via_gram else ig.svd(S1) for i, S1 in cores.items()}
         new_ranks = ig.truncation_ranks(  # phase 3: all truncation decisions, one host sync
-            [augmented[i][4] for i in active], self.tau, not self.absolute_tau,
-            *self._rank_bounds(active, factor.device),
+            [svds[i][1] for i in active], self.tau, not self.absolute_tau, *self._rank_bounds(active, factor.device),
         )
         for i, r1 in zip(active, new_ranks):  # phase 4: new factors and state in the new bases
             layer, state = self.layers[i], self.layer_states[i]
             r0 = layer.rank
-            U_hat, V_hat, S1, P, sigma, Q = augmented[i]
+            P, sigma, Qh = svds[i]
             if via_gram and not ig.gram_svd_accurate(sigma, r1):
-                P, sigma, Qh = ig.svd(S1)
-                Q = Qh.T
-            P1, Q1 = P[:, :r1], Q[:, :r1]
-            layer.set_factors(U_hat @ P1, torch.diag(sigma[:r1]), V_hat @ Q1)
+                P, sigma, Qh = ig.svd(cores[i])
+            P1, Q1 = P[:, :r1], Qh[:r1].T
+            U_new, V_new = new_bases[i]
+            layer.set_factors(ig.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
+                              ig.rotate(layer.V.detach(), V_new, Q1))
             policy = self.state_policy
             state["K"] = change_basis(state["K"], self.rule, policy, None, Q1[:r0])  # V0^T V1
             state["L"] = change_basis(state["L"], self.rule, policy, None, P1[:r0])  # U0^T U1
             state["S"] = change_basis(state["S"], self.rule, policy, P1, Q1)
+
+    def _augmented_cores(self, active: list[int], steps: dict, new_bases: dict) -> dict[int, torch.Tensor]:
+        """S1 per layer, the S-step at the augmented bases [U0, Ũ], [V0, Ṽ]; lifts the S states to them."""
+        layers, states, lr = self.layers, self.layer_states, self.lr
+        if self.method == "adaptive":  # the gradient at the augmented basis, Ũ^T G Ṽ from the backward's inputs
+            blocks = [layers[i].project_gradient(*new_bases[i]) for i in active]
+            if self.world_size > 1:
+                _all_reduce_mean(blocks)
+            grads = [ig.augmented_gradient(layers[i].S.grad, layers[i].U.grad, layers[i].V.grad, *new_bases[i], block)
+                     for i, block in zip(active, blocks)]
+            for i, grad in zip(active, grads):
+                states[i]["S"] = lift_state(states[i]["S"], grad.shape[0])
+            return {i: ig.augmented_core(layers[i].S.detach(), grad.shape[0]) - lr * dS
+                    for i, grad, dS in zip(active, grads, self._s_directions(active, grads))}
+        cores = {}  # parallel: S̄ in the old basis, bordered by the K- and L-steps
+        for i, dS in zip(active, self._s_directions(active, [layers[i].S.grad for i in active])):
+            cores[i] = ig.parallel_core(layers[i].S.detach() - lr * dS, *steps[i], *new_bases[i], lr)
+            states[i]["S"] = lift_state(states[i]["S"], cores[i].shape[0])
+        return cores
 
     def _rank_bounds(self, active: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """r_min and r_max of the active layers as tensors on the device, made once (no copy per step)."""
@@ -264,10 +268,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _fixed_rank_step(self, closure):
         lr, policy = self.lr, self.state_policy
         active = [i for i, layer in enumerate(self.layers) if layer.U.grad is not None]
+        directions = self._directions(active)
         for i in active:  # basis update from the first pass
             layer, state = self.layers[i], self.layer_states[i]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-            dK, dL = self._directions(i)
+            dK, dL = directions[i]
             U1, S_tilde, V1 = ig.fixed_rank_basis(U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
             layer.set_factors(U1, S_tilde, V1)
             state["K"] = change_basis(state["K"], self.rule, policy, None, V0.T @ V1)
@@ -277,21 +282,19 @@ class DLRTOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = closure()  # second pass, at the new bases
         self._synchronise_workers()
-        for i in active:
-            self._s_step(i)
+        self._s_steps(active)
         self.dense_optimizer.step()
         self._refresh_factor_params()
         return loss
 
-    def _s_step(self, i) -> None:
-        layer, state = self.layers[i], self.layer_states[i]
-        if layer.S.grad is not None:
-            layer.S.sub_(self.lr * self.rule.direction(state["S"], layer.S.grad))
+    def _s_steps(self, active: list[int]) -> None:
+        active = [i for i in active if self.layers[i].S.grad is not None]
+        for i, dS in zip(active, self._s_directions(active, [self.layers[i].S.grad for i in active])):
+            self.layers[i].S.sub_(self.lr * dS)
 
     def _vanilla_step(self, active: list[int]) -> None:
         # With S = I the layer's U.grad = G V and V.grad = G^T U are exactly dL/dU and dL/dV.
-        for i in active:
-            dU, dV = self._directions(i)
+        for i, (dU, dV) in self._directions(active).items():
             self.layers[i].U.sub_(self.lr * dU)
             self.layers[i].V.sub_(self.lr * dV)
 

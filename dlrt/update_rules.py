@@ -1,7 +1,8 @@
 """How a gradient becomes an update direction for K, L or S, and what happens to its state when bases move.
 
-The integrator steps each factor as X1 = X0 - lr * direction. A rule turns the gradient into that
-direction (plain SGD, heavy-ball momentum as torch.optim.SGD, or Adam as torch.optim.Adam) and keeps
+The integrator steps each factor as X1 = X0 - lr * direction. A rule turns gradients into those
+directions, for many factors in one call (torch's foreach kernels: on a CPU the step of a small
+network is dominated by per-operation overhead, not arithmetic) (plain SGD, heavy-ball momentum as torch.optim.SGD, or Adam as torch.optim.Adam) and keeps
 its state as matrices the shape of the factor. Those matrices are coordinates in the layer's current
 bases U, V; after a DLRT step the bases rotate and the rank may change, so the state has to follow.
 The policy says how (`STATE_POLICIES`):
@@ -33,11 +34,13 @@ class SGDRule:
     def init_state(self, like: torch.Tensor, rows_share_state: bool = False) -> dict:
         return {"momentum": torch.zeros_like(like)} if self.momentum else {}
 
-    def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
-        if not self.momentum:
-            return grad
-        buf = state["momentum"].mul_(self.momentum).add_(grad)
-        return buf
+    def directions(self, states: list[dict], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.momentum or not grads:
+            return list(grads)
+        buffers = [state["momentum"] for state in states]
+        torch._foreach_mul_(buffers, self.momentum)
+        torch._foreach_add_(buffers, grads)
+        return buffers
 
     # entries moved linearly, entries moved as second moments
     linear_entries = ("momentum",)
@@ -66,14 +69,25 @@ class AdamRule:
         return {"exp_avg": torch.zeros_like(like), "exp_avg_sq": torch.zeros_like(like),
                 "mass": mass, "mass_sq": mass.clone()}
 
-    def direction(self, state: dict, grad: torch.Tensor) -> torch.Tensor:
+    def directions(self, states: list[dict], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not grads:  # torch's foreach kernels refuse empty lists
+            return []
         b1, b2 = self.beta1, self.beta2
-        state["exp_avg"].lerp_(grad, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        state["mass"].mul_(b1).add_(1 - b1)
-        state["mass_sq"].mul_(b2).add_(1 - b2)
-        denominator = (state["exp_avg_sq"] / state["mass_sq"]).sqrt_().add_(self.eps)
-        return (state["exp_avg"] / state["mass"]).div_(denominator)
+        avg, avg_sq, mass, mass_sq = ([state[key] for state in states]
+                                      for key in ("exp_avg", "exp_avg_sq", "mass", "mass_sq"))
+        torch._foreach_lerp_(avg, grads, 1 - b1)
+        torch._foreach_mul_(avg_sq, b2)
+        torch._foreach_addcmul_(avg_sq, grads, grads, value=1 - b2)
+        torch._foreach_mul_(mass, b1)
+        torch._foreach_add_(mass, 1 - b1)
+        torch._foreach_mul_(mass_sq, b2)
+        torch._foreach_add_(mass_sq, 1 - b2)
+        denominators = torch._foreach_div(avg_sq, mass_sq)  # masses broadcast over the rows of K and L
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, self.eps)
+        result = torch._foreach_div(avg, mass)
+        torch._foreach_div_(result, denominators)
+        return result
 
     linear_entries = ("exp_avg",)
     square_entries = ("exp_avg_sq", "mass", "mass_sq")
