@@ -9,7 +9,9 @@ Suites (`SUITES`):
 
 - ``steps``: LeNet5 (batch 128, the paper's ϑ=0.15 ranks [9,16,28], SGD lr 0.05) and the 5-layer FC
   784-500x4-10 (batch 256, Adam lr 1e-3) at the paper's ϑ=0.09 ranks [35,53,51,46] and at rank 40;
-  methods dense (plain nn layers + torch.optim), adaptive, adaptive_pinned, parallel, fixed, vanilla.
+  methods dense (plain nn layers + torch.optim's default, the reference of every ratio), dense_fused
+  (the same with torch's opt-in fused optimizer kernel: the fastest dense step torch offers),
+  adaptive, adaptive_pinned, parallel, fixed, vanilla.
 - ``timing_study``: PAPER.md §3's study, 784-W x4-10 (W=5120) at batch 500, fixed ranks, methods
   fixed and adaptive (r_min = r_max = r), inference per rank, dense as reference.
 - ``breakdown``: where the adaptive step of LeNet5 and FC spends its time (forward, backward, QR, SVD,
@@ -76,7 +78,7 @@ from .models import build_model
 from .optim import DLRTOptimizer
 
 SUITES = ("steps", "timing_study", "breakdown", "linalg")
-STEP_METHODS = ("dense", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
+STEP_METHODS = ("dense", "dense_fused", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
 PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
@@ -231,8 +233,9 @@ class Runner:
         self.model(x)
 
 
-def _dense_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+def _dense_optimizer(params, name: str, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    kind = torch.optim.Adam if name == "adam" else torch.optim.SGD
+    return kind(params, lr=lr, fused=True) if fused else kind(params, lr=lr)
 
 
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, closure_step: bool):
@@ -275,9 +278,9 @@ def build(case: Case, device: torch.device, low_rank: bool, seed: int = 0) -> nn
 def make_runner(method: str, case: Case, device: torch.device, base: nn.Module | None = None,
                 r_min: int | None = None, r_max: int | None = None) -> Runner:
     """A fresh model and optimizer for `method`; low-rank models are copies of `base` when given."""
-    if method == "dense":
+    if method in ("dense", "dense_fused"):
         model = build(case, device, low_rank=False)
-        opt = _dense_optimizer(model.parameters(), case.optimizer, case.lr)
+        opt = _dense_optimizer(model.parameters(), case.optimizer, case.lr, fused=method == "dense_fused")
         return Runner(method, model, make_step(model, opt, False), opt)
     model = copy.deepcopy(base) if base is not None else build(case, device, low_rank=True)
     dlrt_method = "adaptive" if method == "adaptive_pinned" else method
@@ -460,8 +463,8 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
                         "phase": phase, "batch": case.batch,
                         "ranks_start": _ranks_str(ranks_start[runner.name]),
                         "ranks_end": _ranks_str(runner.ranks()),
-                        "ranks_changed": bool(changed) if runner.name != "dense" else "",
-                        "tau": case.tau if runner.name != "dense" else "", "optimizer": case.optimizer,
+                        "ranks_changed": bool(changed) if not runner.name.startswith("dense") else "",
+                        "tau": case.tau if not runner.name.startswith("dense") else "", "optimizer": case.optimizer,
                         "lr": case.lr, **stats,
                         "ratio_to_dense": stats["median_ms"] / dense[phase],
                         **_cpu_columns(getattr(runner, f"{phase}_cpu_ms"), dense_cpu[phase]),

@@ -144,8 +144,8 @@ def test_classifier_loss_goes_down_with_momentum_and_adam():
 def test_a_model_without_low_rank_layers_trains_like_plain_torch(optimizer):
     ours, theirs = seeded(lambda: small_mlp(low_rank=False)), seeded(lambda: small_mlp(low_rank=False))
     opt = DLRTOptimizer(ours, lr=0.05, optimizer=optimizer, momentum=0.9)
-    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd" else \
-        torch.optim.Adam(theirs.parameters(), lr=0.05)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, fused=True) if optimizer == "sgd" else \
+        torch.optim.Adam(theirs.parameters(), lr=0.05, fused=True)
     for step in range(3):
         x, y = batch_for(ours, seed=step)
         train_step(ours, opt, x, y)
