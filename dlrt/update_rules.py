@@ -3,8 +3,9 @@
 The integrator steps each factor as X1 = X0 - lr * direction. A rule turns gradients into those
 directions (plain SGD, heavy-ball momentum as torch.optim.SGD, or Adam as torch.optim.Adam), for many
 factors in one call of torch's foreach kernels (on a CPU, per-operation overhead is a good part of a
-small network's step), and keeps its state as matrices the shape of the factor. Those matrices are coordinates in the layer's current
-bases U, V; after a DLRT step the bases rotate and the rank may change, so the state has to follow.
+small network's step), and keeps its state as matrices the shape of the factor. Those matrices are
+coordinates in the layer's current bases U, V; after a DLRT step the bases rotate and the rank may
+change, so the state has to follow.
 The policy says how (`STATE_POLICIES`):
 
 - ``project`` (default): the state is carried into the new bases as the W-space matrix it stands for
