@@ -577,7 +577,7 @@ def provenance(experiment: Experiment, protocol: Protocol, rows: list[dict], run
 
 def epochs_by_method(completed: list[Run]) -> str:
     """'dense 10, adaptive 20': the epochs each method's runs trained (fine-tuning included)."""
-    methods = sorted({r.method for r in completed}, key=method_order)
+    methods = sorted({r.method for r in completed}, key=lambda m: (method_order(m), m))
     return ", ".join(f"{m} " + " / ".join(map(str, sorted({len(r.epochs) for r in completed if r.method == m})))
                      for m in methods)
 
