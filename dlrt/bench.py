@@ -235,7 +235,7 @@ class Runner:
 
 def _dense_optimizer(params, name: str, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     kind = torch.optim.Adam if name == "adam" else torch.optim.SGD
-    return kind(params, lr=lr, fused=True) if fused else kind(params, lr=lr)
+    return kind(params, lr=lr, fused=fused or None)  # None: torch's default implementation
 
 
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, closure_step: bool):

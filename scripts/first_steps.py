@@ -9,6 +9,8 @@ the same share of the remaining rank.
 
 import argparse
 import platform
+import shlex
+import sys
 from datetime import datetime, timezone
 
 import torch
@@ -36,6 +38,7 @@ def main() -> None:
     opt = DLRTOptimizer(model, lr=0.05, tau=args.tau)
     print(f"# LeNet5 / MNIST, adaptive DLRT, ϑ = {args.tau}, seed {args.seed}, SGD lr 0.05, batch 128; "
           f"{platform.machine()} CPU, torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# command: python {shlex.join(sys.argv)}")
     print(f"start: ranks {opt.ranks()}")
     print("step  loss    ranks")
     batches = iterate_batches(data.train.x, data.train.y, 128, shuffle=True,
