@@ -84,6 +84,9 @@ PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
 CPU_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640)
 QUICK_TIMING_RANKS = (4, 8)
+# ranks whose 2r x 2r cores the linalg suite also factorises: where the timing study's adaptive step is slow
+# on a GPU (a CPU takes the first two: 640 would add minutes)
+CORE_RANKS = (80, 160, 640)
 
 
 @dataclass
@@ -720,13 +723,44 @@ def linalg_shapes(case: Case, device) -> tuple[list[tuple[int, int, int]], list[
     return factors, cores
 
 
+def _time_variants(variants: dict, reps: int, sync, fields: dict) -> list[dict]:
+    """Median ms of each variant (a callable) over `reps` calls after 3 warm-up calls, one row each."""
+    rows = []
+    for name, fn in variants.items():
+        share = CpuShare()
+        try:
+            for _ in range(3):
+                fn()
+            times, cpu_times = [], []
+            for _ in range(reps):
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+                cpu_times.append((time.process_time() - c0) * 1e3)
+        except RuntimeError as error:  # e.g. a Cholesky of a singular padded Gram matrix
+            rows.append({"suite": "linalg", **fields, "variant": name, "median_ms": float("nan"),
+                         "note": f"failed: {str(error).splitlines()[0][:80]}"})
+            continue
+        rows.append({"suite": "linalg", **fields, "variant": name, **summary(times),
+                     "cpu_ms": _quantile(cpu_times, 0.5), "note": "", "others_cpu_pct": share.others_pct()})
+    return rows
+
+
+def _test_cores(sizes: list[int], g: torch.Generator, device) -> list[torch.Tensor]:
+    """Nearly diagonal cores with singular values in [0.1, 1.1], like an S-step's."""
+    return [(torch.diag(torch.rand(k, generator=g) + 0.1) + 1e-3 * torch.randn(k, k, generator=g)).to(device)
+            for k in sizes]
+
+
 def suite_linalg(args, device, meta: Meta) -> list[dict]:
     """One step's worth of QR and SVD at the real shapes: the GPU's and the CPU's way (the one this
-    device takes is marked "(now)") against alternatives."""
+    device takes is marked "(now)") against alternatives. Then the SVD of the timing study's four
+    2r x 2r cores at larger ranks, where the SVD driver, not the launch cost, decides."""
     rows = []
     sync = _sync(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    reps = args.linalg_reps
     here = {True: " (now)", False: ""}
     on_cpu = device.type == "cpu"
     for case in step_cases(args.quick)[:2]:
@@ -735,19 +769,16 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
         bases = [(torch.linalg.qr(torch.randn(n, r, generator=g))[0].to(device),
                   torch.randn(n, r, generator=g).to(device), count) for n, r, count in factors]
         As = [torch.cat([U0, dK], 1) for U0, dK, _ in bases]
-        Ss = [(torch.diag(torch.rand(k, generator=g) + 0.1) + 1e-3 * torch.randn(k, k, generator=g)).to(device)
-              for k in cores]
+        Ss = _test_cores(cores, g, device)
         As_pad, Ss_pad = _padded(As), _padded(Ss)
         variants = {
             f"qr: full QR of [U0, dK]{here[not on_cpu]}": lambda: [ig.new_directions(*b, projected=False) for b in bases],
             f"qr: projected, half the width{here[on_cpu]}": lambda: [ig.new_directions(*b, projected=True) for b in bases],
             "qr: one batched torch.linalg.qr of [U0, dK], zero-padded": lambda: torch.linalg.qr(As_pad),
             "qr: loop CholeskyQR2 of [U0, dK]": lambda: [_cholesky_qr2(A) for A in As],
-            f"svd: loop torch.linalg.svd{here[not on_cpu]}": lambda: [ig.svd(S) for S in Ss],
-            f"svd: loop gram_svd (float64 eigh of S S^T){here[on_cpu]}": lambda: [ig.gram_svd(S) for S in Ss],
+            **_svd_variants(Ss, device, here),
             "svd: one batched torch.linalg.svd, zero-padded": lambda: torch.linalg.svd(Ss_pad),
             "svd: loop torch.linalg.svdvals": lambda: [torch.linalg.svdvals(S) for S in Ss],
-            "svd: loop eigh(S S^T)": lambda: [torch.linalg.eigh(S @ S.mT) for S in Ss],
             "svd: batched eigh(S S^T), zero-padded": lambda: torch.linalg.eigh(Ss_pad @ Ss_pad.mT),
         }
         if device.type == "cuda":  # small factorisations may be cheaper on the host, copies included
@@ -755,30 +786,30 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
                 [t.to(device) for t in torch.linalg.svd(S.cpu())] for S in Ss]
             variants["qr: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.qr(A.cpu())] for A in As]
-        for name, fn in variants.items():
-            share = CpuShare()
-            try:
-                for _ in range(3):
-                    fn()
-                times, cpu_times = [], []
-                for _ in range(reps):
-                    sync()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    fn()
-                    sync()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                    cpu_times.append((time.process_time() - c0) * 1e3)
-            except RuntimeError as error:  # e.g. a Cholesky of a singular padded Gram matrix
-                rows.append({"suite": "linalg", "case": case.name, "variant": name, "median_ms": float("nan"),
-                             "note": f"failed: {str(error).splitlines()[0][:80]}", **meta.fields})
-                continue
-            rows.append({"suite": "linalg", "case": case.name, "variant": name,
-                         "qr_shapes": " ".join(f"{n}x{2 * r}" for n, r, _ in factors),
-                         "svd_sizes": " ".join(str(k) for k in cores), **summary(times),
-                         "cpu_ms": _quantile(cpu_times, 0.5), "note": "",
-                         "others_cpu_pct": share.others_pct(),
-                         **meta.fields})
+        fields = {"case": case.name, "qr_shapes": " ".join(f"{n}x{2 * r}" for n, r, _ in factors),
+                  "svd_sizes": " ".join(str(k) for k in cores)}
+        rows += _time_variants(variants, args.linalg_reps, sync, {**fields, **meta.fields})
+    for rank in (4,) if args.quick else CORE_RANKS if device.type == "cuda" else CORE_RANKS[:2]:
+        wait_for_idle(args.wait_idle)
+        Ss = _test_cores([2 * rank] * 4, g, device)
+        fields = {"case": f"timing_study_r{rank}", "qr_shapes": "", "svd_sizes": " ".join(str(S.shape[0]) for S in Ss)}
+        rows += _time_variants(_svd_variants(Ss, device, here), min(args.linalg_reps, 5), sync,
+                               {**fields, **meta.fields})
     return rows
+
+
+def _svd_variants(Ss: list[torch.Tensor], device, here: dict) -> dict:
+    """Ways to get the SVD of each core: what this device runs now, and the candidates."""
+    on_cpu = device.type == "cpu"
+    variants = {
+        f"svd: loop torch.linalg.svd{here[not on_cpu]}": lambda: [ig.svd(S) for S in Ss],
+        f"svd: loop gram_svd (float64 eigh of S S^T){here[on_cpu]}": lambda: [ig.gram_svd(S) for S in Ss],
+        "svd: loop eigh(S S^T)": lambda: [torch.linalg.eigh(S @ S.mT) for S in Ss],
+    }
+    if device.type == "cuda":  # cuSOLVER's Jacobi SVD; torch's default CUDA driver is gesvd
+        variants["svd: loop torch.linalg.svd(driver='gesvdj')"] = lambda: [
+            torch.linalg.svd(S, driver="gesvdj") for S in Ss]
+    return variants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1070,7 +1101,8 @@ def _run_suites(args, args_list, prog, device, flushing) -> int:
         say("\n== one adaptive step's QR and SVD calls at the real shapes (median ms for all layers) ==")
         for case in dict.fromkeys(r["case"] for r in rows):
             case_rows = [r for r in rows if r["case"] == case]
-            say(f"\n-- {case}: QR inputs {case_rows[0].get('qr_shapes', '')}; SVD cores {case_rows[0].get('svd_sizes', '')} --")
+            shapes = case_rows[0].get("qr_shapes") and f"QR inputs {case_rows[0]['qr_shapes']}; "
+            say(f"\n-- {case}: {shapes or ''}SVD cores {case_rows[0].get('svd_sizes', '')} --")
             say(table(case_rows, ["variant", "median_ms", "p25_ms", "p75_ms", "cpu_ms", "others_cpu_pct", "note"]))
         _contention_warning(rows, device, say)
         save("linalg")

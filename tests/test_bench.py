@@ -85,7 +85,11 @@ def test_linalg_csv(quick_run):
     rows = _rows(quick_run[1] / "linalg.csv")
     assert {"variant", "median_ms", "qr_shapes", "svd_sizes", *META} <= set(rows[0])
     now = [r for r in rows if r["variant"].endswith("(now)")]
-    assert len(now) == 4 and all(_positive(r["median_ms"]) for r in now)
+    assert all(_positive(r["median_ms"]) for r in now)
+    steps = [r["case"] for r in now if r["qr_shapes"]]
+    cores = [r["case"] for r in now if not r["qr_shapes"]]
+    assert len(steps) == 4 and len(set(steps)) == 2  # a QR and an SVD for each step case
+    assert cores == ["timing_study_r4"]  # the SVD of the timing study's cores
 
 
 def test_patches_are_undone(quick_run):

@@ -1,0 +1,40 @@
+"""scripts/parallel_runs.sh: runs a file of commands a few at a time, with an optional deadline."""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "parallel_runs.sh"
+
+
+def _run(tmp_path, lines, *args):
+    commands = tmp_path / "commands.txt"
+    commands.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "LOG_DIR": str(tmp_path / "logs")}
+    started = time.perf_counter()
+    result = subprocess.run(["bash", str(SCRIPT), str(commands), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    return result, time.perf_counter() - started
+
+
+def test_runs_every_command_with_its_own_log(tmp_path):
+    lines = ["# a comment", "", "echo \"it's one\" > one.txt", "sleep 1; echo two > two.txt", "exit 3"]
+    result, _ = _run(tmp_path, lines, "2")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "one.txt").read_text() == "it's one\n"  # quotes reach the command intact
+    assert (tmp_path / "two.txt").read_text() == "two\n"
+    assert "END   #5 rc=3" in result.stdout  # numbered by the line of the file
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["3.log", "4.log", "5.log"]
+
+
+def test_jobs_run_at_the_same_time(tmp_path):
+    _, two_at_once = _run(tmp_path, ["sleep 2", "sleep 2"], "2")
+    assert two_at_once < 3.5
+
+
+def test_deadline_stops_running_commands_and_skips_the_rest(tmp_path):
+    result, seconds = _run(tmp_path, ["sleep 30", "sleep 30; echo late > late.txt"], "1", "2")
+    assert seconds < 10
+    assert "END   #1 rc=124 (stopped at the deadline)" in result.stdout
+    assert "SKIP  #2 (deadline)" in result.stdout
+    assert not (tmp_path / "late.txt").exists()
