@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 from collections import defaultdict
@@ -553,7 +554,7 @@ def provenance(experiment: Experiment, protocol: Protocol, rows: list[dict], run
     runs = experiment.completed + experiment.failed if runs is None else runs
     completed = [r for r in runs if r.summary.get("status") == "completed"]
     failed = [r for r in runs if r.summary.get("status") != "completed"]
-    commands = sorted({r.summary["command"] for r in completed})
+    commands = command_lines(r.summary["command"] for r in completed)
     finished = sorted(r.summary["finished"] for r in completed)
     lines = [f"Made by `dlrt-tables` from {len(completed)} finished run(s) in `{experiment.folder}/`"
              + (", with:" if completed else ".")]
@@ -573,6 +574,24 @@ def provenance(experiment: Experiment, protocol: Protocol, rows: list[dict], run
     if experiment.unfinished:
         lines.append(f"- left out, still running (no summary.json): {len(experiment.unfinished)} run(s)")
     return "\n".join(lines)
+
+
+def command_lines(commands) -> list[str]:
+    """The distinct commands, shortest first: the program as its name (`dlrt-run`, or `python -m dlrt.cli`
+    where the module was run), and commands that differ only in their seed merged into one Hydra sweep
+    (`seed=2,3,4`), which reruns them all."""
+    seeds_of: dict[tuple, set[str]] = defaultdict(set)
+    for command in commands:
+        program, *args = shlex.split(command)
+        program = "python -m dlrt.cli" if program.endswith(".py") else os.path.basename(program)
+        seeds = [a.removeprefix("seed=") for a in args if a.startswith("seed=")]
+        key = (program, tuple(None if a.startswith("seed=") else a for a in args))  # None: where the seed goes
+        seeds_of[key].update(",".join(seeds).split(",") if seeds else [])
+    lines = []
+    for (program, args), seeds in seeds_of.items():
+        merged = "seed=" + ",".join(sorted(seeds, key=lambda seed: (len(seed), seed)))
+        lines.append(program + " " + shlex.join(merged if a is None else a for a in args))
+    return sorted(lines, key=lambda line: (len(line), line))
 
 
 def epochs_by_method(completed: list[Run]) -> str:

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dlrt.metrics import compression_rate, dense_layer_count, low_rank_layer_count
-from dlrt.tables import main
+from dlrt.tables import command_lines, main
 
 LENET5_SHAPES = [(20, 25), (50, 500), (500, 800)]
 LENET5_DENSE = [(10, 500)]
@@ -177,7 +177,8 @@ def test_failed_run_is_counted_and_named_but_not_averaged(made):
 def test_markdown_header_says_how_it_was_made(made):
     md = (made / "tables" / "lenet5_mnist.md").read_text()
     header = md.split("## Accuracy")[0]
-    assert COMMAND in header and "dlrt-run -m experiment=lenet5_mnist method=dense tau=0 epochs=2" in header
+    assert "\ndlrt-run -m experiment=lenet5_mnist seed=0,1 epochs=3\n" in header  # COMMAND, the program by its name
+    assert "dlrt-run -m experiment=lenet5_mnist method=dense tau=0 epochs=2" in header
     assert "- seeds: 0, 1" in header and "epochs trained per run: dense 2, adaptive 3" in header
     assert "NOT the paper's protocol: adaptive runs have epochs = 3 in 4 run(s) (paper: 20)" in header
     assert "NOT the paper's protocol: dense runs have epochs = 2 in 2 run(s) (paper: 10)" in header
@@ -188,6 +189,18 @@ def test_markdown_header_says_how_it_was_made(made):
     for column in ("acc (ours)", "acc (paper)", "c.r. eval honest (ours)", "c.r. eval paper conv. (ours)", "c.r. eval (paper)"):
         assert f"| {column} |" in md
     assert "## Notes" in md and "leaves the n_in × r factor V out" in md
+
+
+def test_commands_that_differ_only_in_their_seed_are_merged():
+    commands = [f"/x/.venv/bin/dlrt-run -m experiment=e method=fixed seed={s} out_dir=a" for s in (10, 2, 3)]
+    commands += ["/x/.venv/bin/dlrt-run -m experiment=e method=fixed seed=0,1 out_dir=a",  # a sweep already
+                 "/y/dlrt/cli.py -m experiment=e method=vanilla seed=2 'name=a b'",  # python -m dlrt.cli
+                 "dlrt-run -m experiment=e method=vanilla"]
+    assert command_lines(commands) == [
+        "dlrt-run -m experiment=e method=vanilla",
+        "dlrt-run -m experiment=e method=fixed seed=0,1,2,3,10 out_dir=a",
+        "python -m dlrt.cli -m experiment=e method=vanilla seed=2 'name=a b'",
+    ]
 
 
 def test_fc_table_per_width_with_the_papers_numbers(made):
