@@ -30,7 +30,7 @@ GROUPS = ("model", "data", "method", "optim", "experiment")
 # Keys that name a run folder; the other overrides are appended so different settings never share one,
 # except those that do not change what is computed.
 NAMING_KEYS = ("model", "data", "method", "tau", "seed", "experiment")
-NOT_IN_NAME = ("out_dir", "progress", "device", "eval_batch_size", "threads")  # precision is in the name
+NOT_IN_NAME = ("out_dir", "progress", "device", "eval_batch_size", "threads", "flush_denormal")  # precision is in the name
 
 
 def _fail(message: str, code: int = 2):

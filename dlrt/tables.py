@@ -166,7 +166,7 @@ def load_experiment(runs_dir: Path, name: str) -> Experiment:
 
 # Keys that do not change what a run computes, plus those every table groups by: they never split a row.
 NOT_SETTINGS = {"seed", "tau", "method.name", "out_dir", "progress", "device", "eval_batch_size", "threads",
-                "data.root"}
+                "flush_denormal", "data.root"}
 
 
 def settings_labels(runs: list[Run], grouped_by: tuple[str, ...] = ()) -> dict[str, str]:

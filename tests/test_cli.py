@@ -90,6 +90,7 @@ def test_joblib_launcher_runs_a_sweep_two_at_a_time(tmp_path):
     (["-m", "tau=0.1,2.0"], "tau=2.0 is outside [0, 1)"),
     (["optim=rmsprop"], "unknown optim 'rmsprop'"),
     (["threads=0"], "threads=0 must be a positive integer"),
+    (["flush_denormal=maybe"], "flush_denormal=maybe must be true or false"),
     (["data.subset=0"], "data.subset=0 must be a positive integer"),
     (["finetune.method=sgd"], "finetune.method=sgd is unknown"),
     (["scheduler.name=cosine"], "scheduler.name=cosine is unknown"),

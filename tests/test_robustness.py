@@ -10,13 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 
 import dlrt.train
 from dlrt.cli import CONFIG_DIR
 from dlrt.data import DataSplits, Split
 from dlrt.export import export_run, load_exported
-from dlrt.train import TrainingDiverged, evaluate, load_device_data, train
+from dlrt.train import TrainingDiverged, configure_cpu, evaluate, load_device_data, train
 
 SMALL = ["data=synthetic", "data.n_train=2048", "data.n_val=256", "data.n_test=256", "model.rank=4",
          "progress=false", "threads=1"]
@@ -133,3 +134,15 @@ def test_export_of_a_folder_that_is_no_run(tmp_path):
     from dlrt.export import main
 
     assert main([str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_decides_whether_subnormal_floats_survive(flush):
+    before = torch.tensor([1e-39]).item() == 0  # the process-wide flag as it was
+    try:
+        configure_cpu(OmegaConf.create({"threads": None, "flush_denormal": flush}))
+        tiny = torch.tensor([1e-39], dtype=torch.float32)  # subnormal in float32
+        assert (tiny.item() == 0) == flush
+        assert ((torch.tensor([2e-38]) * 0.1).item() == 0) == flush  # arithmetic results too
+    finally:
+        torch.set_flush_denormal(before)
