@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlrt import bench  # noqa: E402
-from dlrt import integrators as ig  # noqa: E402
+from dlrt import bench
+from dlrt import integrators as ig
 
 # operations that return a view or alias: no kernel runs for them
 VIEWS = {"view", "permute", "detach", "slice", "expand", "transpose", "t", "alias", "select", "diagonal",
