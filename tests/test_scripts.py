@@ -1,10 +1,14 @@
-"""scripts/parallel_runs.sh: runs a file of commands a few at a time, with an optional deadline."""
+"""The scripts: parallel_runs.sh runs a file of commands a few at a time, with an optional deadline;
+count_ops.py counts the operations of a training step."""
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "parallel_runs.sh"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "parallel_runs.sh"
 
 
 def _run(tmp_path, lines, *args):
@@ -38,3 +42,18 @@ def test_deadline_stops_running_commands_and_skips_the_rest(tmp_path):
     assert "END   #1 rc=124 (stopped at the deadline)" in result.stdout
     assert "SKIP  #2 (deadline)" in result.stdout
     assert not (tmp_path / "late.txt").exists()
+
+
+def test_count_ops_sees_the_gpu_path_skip_the_cpus_checks():
+    counts = {}
+    for flag in ([], ["--gpu-path"]):
+        out = subprocess.run([sys.executable, str(SCRIPTS / "count_ops.py"), *flag], capture_output=True, text=True,
+                             check=True, timeout=300).stdout
+        counts[bool(flag)] = {(case, method): (int(total), int(kernels)) for case, method, total, kernels in
+                              re.findall(r"^(\S+)\s+(dense|adaptive)\s+total (\d+) \((\d+) not views\)", out, re.M)}
+    for path in (False, True):
+        assert set(counts[path]) == {(c, m) for c in ("lenet5_t0.15", "fc500_t0.09") for m in ("dense", "adaptive")}
+        for case in ("lenet5_t0.15", "fc500_t0.09"):
+            assert counts[path][case, "adaptive"][1] > counts[path][case, "dense"][1] > 0
+    assert counts[True]["lenet5_t0.15", "dense"] == counts[False]["lenet5_t0.15", "dense"]
+    assert counts[True]["lenet5_t0.15", "adaptive"][0] < counts[False]["lenet5_t0.15", "adaptive"][0]
