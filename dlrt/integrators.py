@@ -99,10 +99,15 @@ def rotate(U0: torch.Tensor, U_new: torch.Tensor, P1: torch.Tensor) -> torch.Ten
 
 
 def fixed_rank_basis(U0, S0, V0, K1, L1):
-    """Fixed-rank KLS basis update: U1 = orth(K1), V1 = orth(L1), S̃ = (U1^T U0) S0 (V0^T V1)."""
+    """Fixed-rank KLS basis update: U1 = orth(K1), V1 = orth(L1), S̃ = (U1^T U0) S0 (V0^T V1).
+
+    Returns U1, S̃, V1 and the overlaps U0^T U1 and V0^T V1, which also move the optimizer's states:
+    each costs n r^2, as much as the QR's own products, so they are formed once.
+    """
     U1, _ = torch.linalg.qr(K1)
     V1, _ = torch.linalg.qr(L1)
-    return U1, (U1.T @ U0) @ S0 @ (V0.T @ V1), V1
+    U_overlap, V_overlap = U0.T @ U1, V0.T @ V1
+    return U1, U_overlap.T @ S0 @ V_overlap, V1, U_overlap, V_overlap
 
 
 def svd(S1: torch.Tensor):

@@ -275,11 +275,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
             layer, state = self.layers[i], self.layer_states[i]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             dK, dL = directions[i]
-            U1, S_tilde, V1 = ig.fixed_rank_basis(U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
+            U1, S_tilde, V1, U_overlap, V_overlap = ig.fixed_rank_basis(
+                U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
             layer.set_factors(U1, S_tilde, V1)
-            state["K"] = change_basis(state["K"], self.rule, policy, None, V0.T @ V1)
-            state["L"] = change_basis(state["L"], self.rule, policy, None, U0.T @ U1)
-            state["S"] = change_basis(state["S"], self.rule, policy, U0.T @ U1, V0.T @ V1)
+            state["K"] = change_basis(state["K"], self.rule, policy, None, V_overlap)
+            state["L"] = change_basis(state["L"], self.rule, policy, None, U_overlap)
+            state["S"] = change_basis(state["S"], self.rule, policy, U_overlap, V_overlap)
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()  # second pass, at the new bases

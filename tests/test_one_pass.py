@@ -85,6 +85,32 @@ class ThreePassReference:
             self.dense_buffers[k].mul_(self.momentum).add_(g)
             self.dense[k] = self.dense[k] - LR * self.dense_buffers[k]
 
+    def fixed_step(self, x, y):
+        """Fixed-rank KLS: K and L passes at W0, U1 = orth(K1), V1 = orth(L1), S̃ = U1^T U0 S0 V0^T V1, then
+        an S pass at W = U1 S V1^T, which also gives the dense parameters their gradients."""
+        f = self.factors
+        gK = self.grads(lambda n, K: K @ f[n][2].T, {n: f[n][0] @ f[n][1] for n in self.names}, x, y)
+        gL = self.grads(lambda n, L: f[n][0] @ L.T, {n: f[n][2] @ f[n][1].T for n in self.names}, x, y)
+        for n in self.names:
+            U0, S0, V0 = f[n]
+            bK, bS, bL = self.buffers[n]
+            bK = self.momentum * bK + gK[n]
+            bL = self.momentum * bL + gL[n]
+            U1 = torch.linalg.qr(U0 @ S0 - LR * bK)[0]
+            V1 = torch.linalg.qr(V0 @ S0.T - LR * bL)[0]
+            self.buffers[n] = [bK @ (V0.T @ V1), (U0.T @ U1).T @ bS @ (V0.T @ V1), bL @ (U0.T @ U1)]
+            f[n] = [U1, U1.T @ U0 @ S0 @ V0.T @ V1, V1]
+        S_leaves = {n: f[n][1].clone().requires_grad_() for n in self.names}
+        dense = {k: p.clone().requires_grad_() for k, p in self.dense.items()}
+        loss = self.loss({n: f[n][0] @ S_leaves[n] @ f[n][2].T for n in self.names}, dense, x, y)
+        grads = torch.autograd.grad(loss, list(S_leaves.values()) + list(dense.values()))
+        for n, g in zip(self.names, grads):
+            self.buffers[n][1] = self.momentum * self.buffers[n][1] + g
+            f[n][1] = f[n][1] - LR * self.buffers[n][1]
+        for k, g in zip(dense, grads[len(S_leaves):]):
+            self.dense_buffers[k].mul_(self.momentum).add_(g)
+            self.dense[k] = self.dense[k] - LR * self.dense_buffers[k]
+
     def weights(self):
         return {n: U @ S @ V.T for n, (U, S, V) in self.factors.items()}
 
@@ -113,6 +139,35 @@ def test_one_pass_adaptive_equals_three_pass_reference(factory, momentum):
             ours = dict(model.named_parameters())[key].detach()
             assert torch.linalg.norm(ours - p) <= 1e-6 * torch.linalg.norm(p), (step, key)
     assert len({tuple(r) for r in rank_history}) > 1, "the test should see ranks change"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("factory", [small_mlp, small_cnn], ids=["mlp", "cnn"])
+def test_fixed_rank_step_equals_the_plain_kls_step(factory, momentum):
+    model = seeded(factory)
+    reference = ThreePassReference(model, seeded(lambda: factory(low_rank=False)), momentum)
+    opt = DLRTOptimizer(model, lr=LR, method="fixed", momentum=momentum)
+    modules = dict(model.named_modules())
+    ranks = opt.ranks()
+    for step in range(STEPS):
+        x, y = batch_for(model, seed=step)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        closure()
+        opt.step(closure)
+        reference.fixed_step(x, y)
+        assert opt.ranks() == ranks
+        for name, W_ref in reference.weights().items():
+            W = modules[name].dense_matrix().detach()
+            assert torch.linalg.norm(W - W_ref) <= 1e-6 * torch.linalg.norm(W_ref), (step, name)
+        for key, p in reference.dense.items():
+            ours = dict(model.named_parameters())[key].detach()
+            assert torch.linalg.norm(ours - p) <= 1e-6 * torch.linalg.norm(p), (step, key)
 
 
 def count_passes(model):
