@@ -57,3 +57,16 @@ def test_count_ops_sees_the_gpu_path_skip_the_cpus_checks():
             assert counts[path][case, "adaptive"][1] > counts[path][case, "dense"][1] > 0
     assert counts[True]["lenet5_t0.15", "dense"] == counts[False]["lenet5_t0.15", "dense"]
     assert counts[True]["lenet5_t0.15", "adaptive"][0] < counts[False]["lenet5_t0.15", "adaptive"][0]
+
+
+def test_gpu_checks_packs_every_suite_even_when_one_fails(tmp_path):
+    """--quick runs it on the CPU; a timing study stopped at its time limit fails, and the rest still comes back."""
+    env = {**os.environ, "PYTHON": sys.executable, "RANKS": "2,4", "TIMING_SECONDS": "1"}
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), str(tmp_path / "out"), "--quick"],
+                            cwd=SCRIPTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (tmp_path / "out" / "gpu_checks.log").read_text()
+    assert "timing study: exit status 124" in log  # the failure is said, not hidden
+    listing = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "gpu_bench.tar.gz")], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert {f"./{suite}.{ext}" for suite in ("steps", "breakdown", "linalg") for ext in ("csv", "txt")} <= set(listing)
