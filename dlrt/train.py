@@ -314,7 +314,7 @@ def configure_cpu(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Subnormal floats (below 1.2e-38) take a slow path on x86 CPUs: once a dense FC net's training loss
-    # neared 0, its epochs slowed from 2.7 to 10 s. Flushing them changes only values below 1.2e-38.
+    # neared 0, its epochs slowed from about 3 to 11 s. Flushing them changes only values below 1.2e-38.
     torch.set_flush_denormal(bool(cfg.flush_denormal))
 
 
