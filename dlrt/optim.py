@@ -208,11 +208,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _rank_adaptive_step(self, active: list[int]) -> None:
         if not active:
             return
-        # On a CPU a host sync is free, and the QR and SVD variants that need one to check their accuracy
-        # are faster (new_directions, gram_svd); on a GPU the plain ones keep the step at one sync. The
-        # Gram route, in float64, is as accurate as a float32 SVD, not as a float64 one.
         factor = self.layers[active[0]].U
-        on_cpu = factor.device.type == "cpu"
+        on_cpu = takes_host_checked_shortcuts(factor)
+        # The Gram route, in float64, is as accurate as a float32 SVD, not as a float64 one.
         via_gram = on_cpu and factor.dtype != torch.float64
         steps = self._directions(active)
         new_bases = {}
@@ -325,6 +323,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
             for s in state_dict["layer_states"]
         ]
         self.dense_optimizer.load_state_dict(state_dict["dense"])
+
+
+def takes_host_checked_shortcuts(factor: torch.Tensor) -> bool:
+    """Whether the rank-adaptive step uses the QR and SVD variants that check their own accuracy
+    (`new_directions(projected=True)`, `gram_svd`). The checks need a host sync each: free on a CPU, where
+    these variants are faster. On a GPU the plain calls keep the step at one sync, and were faster anyway
+    (results/bench/gpu/linalg.txt)."""
+    return factor.device.type == "cpu"
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlrt import bench
-from dlrt import integrators as ig
+from dlrt import bench, optim
 
 # operations that return a view or alias: no kernel runs for them
 VIEWS = {"view", "permute", "detach", "slice", "expand", "transpose", "t", "alias", "select", "diagonal",
@@ -41,19 +40,12 @@ class CountOps(TorchDispatchMode):
         return f"{total} ({total - sum(self.names[v] for v in VIEWS)} not views)"
 
 
-def take_gpu_path() -> None:
-    new_directions = ig.new_directions
-    ig.new_directions = lambda U0, dK, count, projected=False: new_directions(U0, dK, count, projected=False)
-    ig.gram_svd = ig.svd
-    ig.gram_svd_accurate = lambda sigma, rank: True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu-path", action="store_true", help="the optimizer's GPU choices, on the CPU")
     args = parser.parse_args()
     if args.gpu_path:
-        take_gpu_path()
+        optim.takes_host_checked_shortcuts = lambda factor: False
     device = torch.device("cpu")
     print(f"aten operations per training step ({'GPU' if args.gpu_path else 'CPU'} path of the optimizer)")
     for case in bench.step_cases(quick=False)[:2]:

@@ -43,10 +43,21 @@ class ThreePassReference:
         loss = self.loss({n: weights_of(n, leaves[n]) for n in self.names}, self.dense, x, y)
         return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
-    def step(self, x, y, r_min=2):
+    def kl_grads(self, x, y):
+        """The K- and L-step gradients at W0: dL/dK at W = K V0^T and dL/dL at W = U0 L^T."""
         f = self.factors
         gK = self.grads(lambda n, K: K @ f[n][2].T, {n: f[n][0] @ f[n][1] for n in self.names}, x, y)
         gL = self.grads(lambda n, L: f[n][0] @ L.T, {n: f[n][2] @ f[n][1].T for n in self.names}, x, y)
+        return gK, gL
+
+    def dense_step(self, grads):
+        for k, g in grads.items():
+            self.dense_buffers[k].mul_(self.momentum).add_(g)
+            self.dense[k] = self.dense[k] - LR * self.dense_buffers[k]
+
+    def step(self, x, y, r_min=2):
+        f = self.factors
+        gK, gL = self.kl_grads(x, y)
         bases, cores = {}, {}
         for n in self.names:
             U0, S0, V0 = f[n]
@@ -81,16 +92,13 @@ class ThreePassReference:
             U1, V1 = U_hat @ P[:, :r1], V_hat @ Qh[:r1].T
             self.buffers[n] = [bK @ (V0.T @ V1), P[:, :r1].T @ bS_aug @ Qh[:r1].T, bL @ (U0.T @ U1)]
             f[n] = [U1, torch.diag(sigma[:r1]), V1]
-        for k, g in g_dense.items():
-            self.dense_buffers[k].mul_(self.momentum).add_(g)
-            self.dense[k] = self.dense[k] - LR * self.dense_buffers[k]
+        self.dense_step(g_dense)
 
     def fixed_step(self, x, y):
         """Fixed-rank KLS: K and L passes at W0, U1 = orth(K1), V1 = orth(L1), S̃ = U1^T U0 S0 V0^T V1, then
         an S pass at W = U1 S V1^T, which also gives the dense parameters their gradients."""
         f = self.factors
-        gK = self.grads(lambda n, K: K @ f[n][2].T, {n: f[n][0] @ f[n][1] for n in self.names}, x, y)
-        gL = self.grads(lambda n, L: f[n][0] @ L.T, {n: f[n][2] @ f[n][1].T for n in self.names}, x, y)
+        gK, gL = self.kl_grads(x, y)
         for n in self.names:
             U0, S0, V0 = f[n]
             bK, bS, bL = self.buffers[n]
@@ -107,9 +115,7 @@ class ThreePassReference:
         for n, g in zip(self.names, grads):
             self.buffers[n][1] = self.momentum * self.buffers[n][1] + g
             f[n][1] = f[n][1] - LR * self.buffers[n][1]
-        for k, g in zip(dense, grads[len(S_leaves):]):
-            self.dense_buffers[k].mul_(self.momentum).add_(g)
-            self.dense[k] = self.dense[k] - LR * self.dense_buffers[k]
+        self.dense_step(dict(zip(dense, grads[len(S_leaves):])))
 
     def weights(self):
         return {n: U @ S @ V.T for n, (U, S, V) in self.factors.items()}
