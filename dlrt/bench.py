@@ -76,6 +76,7 @@ from . import integrators as ig
 from . import layers as lr_layers
 from .models import build_model
 from .optim import DLRTOptimizer
+from .provenance import CODE_VERSION
 
 SUITES = ("steps", "timing_study", "breakdown", "linalg")
 STEP_METHODS = ("dense", "dense_fused", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
@@ -206,6 +207,7 @@ class Meta:
             "flush_denormal": flush_denormal,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": command,
+            "code_version": CODE_VERSION,
         }
 
 
@@ -1046,7 +1048,7 @@ def _run_suites(args, args_list, prog, device, flushing) -> int:
 
     say(f"dlrt-bench on {meta.fields['device_name']} [{device}], torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {meta.fields['date']}")
-    say(f"command: {meta.fields['command']}")
+    say(f"command: {meta.fields['command']} (code {meta.fields['code_version']})")
     if args.quick:
         say("--quick: tiny sizes and few steps; the numbers below are not meaningful")
 

@@ -45,20 +45,29 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
     r = U0.shape[1]
     dK = dK[:, :count]
     if projected and count > 0:
-        Q, R = torch.linalg.qr(dK - U0 @ (U0.T @ dK))
-        Q = Q - U0 @ (U0.T @ Q)
+        Q, R = torch.linalg.qr(_project_out(U0, dK))
+        Q = _project_out(U0, Q)
         tolerance = torch.finfo(dK.dtype).eps ** 0.5 * torch.linalg.matrix_norm(dK)
         deficient = R.diagonal().abs() <= tolerance
         if not bool(deficient.any()):
             return Q
-        good, filled = Q[:, ~deficient], Q[:, deficient]
+        # Q's good columns stay where they are; the filled ones are replaced in place (no column copies:
+        # at 5120 x 640 gathering columns costs as much as a matmul)
+        filled_at = deficient.nonzero().squeeze(1)
+        filled = Q[:, filled_at]
         for _ in range(2):  # twice is enough
-            filled = filled - U0 @ (U0.T @ filled) - good @ (good.T @ filled)
+            on_good = (Q.T @ filled).index_fill_(0, filled_at, 0)  # the good columns' share only
+            filled = torch.addmm(_project_out(U0, filled), Q, on_good, alpha=-1)
         filled, R = torch.linalg.qr(filled)
         if bool((R.diagonal().abs() > 0.1).all()):  # then they lean on U0 and the rest by at most ~10 eps
-            return torch.cat([good, filled], dim=1)
+            return Q.index_copy_(1, filled_at, filled)
     Q, _ = torch.linalg.qr(torch.cat([U0, dK], dim=1))
     return Q[:, r : r + count]
+
+
+def _project_out(U0: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """X - U0 U0^T X, the subtraction fused into the product."""
+    return torch.addmm(X, U0, U0.T @ X, alpha=-1)
 
 
 def augmentation_size(rank: int, n: int, m: int) -> int:

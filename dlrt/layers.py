@@ -160,11 +160,12 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x, h, U, S, V), dy = _in_forward_precision(ctx.saved_tensors, dy)
+        needs_x, needs_U, needs_S, needs_V = ctx.needs_input_grad[:4]  # x: not for a first layer
         dz = dy @ U  # (B, r): gradient at z = h S^T
-        grad_x = (dz @ S) @ V.T if ctx.needs_input_grad[0] else None  # not for a first layer
-        grad_U = dy.T @ h  # G V
-        grad_V = x.T @ dz  # G^T U
-        grad_S = dz.T @ h  # U^T G V
+        grad_x = (dz @ S) @ V.T if needs_x else None
+        grad_U = dy.T @ h if needs_U else None  # G V
+        grad_V = x.T @ dz if needs_V else None  # G^T U
+        grad_S = dz.T @ h if needs_S else None  # U^T G V
         grad_b = dy.sum(0) if ctx.has_bias else None
         if ctx.layer.keep_step_inputs:
             ctx.layer._remember_step_inputs(x, dy)
@@ -231,16 +232,20 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         layer = ctx.layer
         # channels x pixels views: the 1x1 maps are batched matmuls (einsum would copy to permute)
         dy_flat, h_flat = dy.flatten(2), h.flatten(2)  # (B, C_out, L), (B, r, L)
+        needs_x, needs_U, needs_S, needs_V = ctx.needs_input_grad[:4]  # x: not for a first layer
         dz = U.T @ dy_flat  # gradient at z = S h
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # not for a first layer
+        grad_x = grad_U = grad_S = grad_V = None
+        if needs_x:
             dh = (S.T @ dz).view(h.shape)
             grad_x = conv2d_input(x.shape, layer._kernel(V), dh, layer.stride, layer.padding, layer.dilation)
         h_t = h_flat.transpose(1, 2)
-        grad_U = (dy_flat @ h_t).sum(0)  # G V
-        grad_S = (dz @ h_t).sum(0)  # U^T G V
-        grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz.view(h.shape), layer.stride, layer.padding,
-                               layer.dilation).reshape(V.shape[1], -1).T  # G^T U
+        if needs_U:
+            grad_U = (dy_flat @ h_t).sum(0)  # G V
+        if needs_S:
+            grad_S = (dz @ h_t).sum(0)  # U^T G V
+        if needs_V:
+            grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz.view(h.shape), layer.stride,
+                                   layer.padding, layer.dilation).reshape(V.shape[1], -1).T  # G^T U
         grad_b = dy.sum((0, 2, 3)) if ctx.has_bias else None
         if layer.keep_step_inputs:
             layer._remember_step_inputs(x, dy)

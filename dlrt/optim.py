@@ -26,6 +26,7 @@ DistributedDataParallel (a rank change replaces parameters, which DDP cannot fol
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -280,8 +281,10 @@ class DLRTOptimizer(torch.optim.Optimizer):
             state["L"] = change_basis(state["L"], self.rule, policy, None, U_overlap)
             state["S"] = change_basis(state["S"], self.rule, policy, U_overlap, V_overlap)
         self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()  # second pass, at the new bases
+        # Second pass, at the new bases. It needs only S.grad (and the dense parameters' gradients):
+        # with U and V frozen the backward skips G V and G^T U, a third of a low-rank layer's backward.
+        with torch.enable_grad(), _frozen([p for i in active for p in (self.layers[i].U, self.layers[i].V)]):
+            loss = closure()
         self._synchronise_workers()
         self._s_steps(active)
         self.dense_optimizer.step()
@@ -331,6 +334,19 @@ def takes_host_checked_shortcuts(factor: torch.Tensor) -> bool:
     these variants are faster. On a GPU the plain calls keep the step at one sync, and were faster anyway
     (results/bench/gpu/linalg.txt)."""
     return factor.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def _frozen(params: list[nn.Parameter]):
+    """requires_grad off for these parameters inside the block, back to what it was after."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from .layers import low_rank_layers
 from .metrics import parameter_report
 from .models import ModelError, build_model
 from .optim import DLRTOptimizer
+from .provenance import CODE_VERSION
 
 LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla")
 FINETUNE_METHODS = ("fixed", "s_only")
@@ -167,21 +167,6 @@ def init_workers(device: torch.device) -> Workers:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Workers(dist.get_rank(), dist.get_world_size())
-
-
-def code_version() -> str:
-    """The git commit of the code in the source tree (with '+dirty' for uncommitted changes), if any."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-# Read when this module is imported, i.e. of the code this process runs, however long a sweep takes.
-CODE_VERSION = code_version()
 
 
 def device_name(device: torch.device) -> str:

@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
     return code, out
 
 
-META = ("device", "device_name", "torch", "threads", "flush_denormal", "date", "command")
+META = ("device", "device_name", "torch", "threads", "flush_denormal", "date", "command", "code_version")
 
 
 def test_writes_every_file(quick_run):

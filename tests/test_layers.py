@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlrt import LowRankConv2d, LowRankLinear
 
@@ -67,6 +68,45 @@ def test_project_gradient_is_left_G_right(make):
     G = 2 * torch.autograd.grad(loss_fn(y_ref + bias), W)[0].reshape(layer.out_dim, -1)
     left, right = torch.randn(layer.out_dim, 2).double(), torch.randn(layer.in_dim, 3).double()
     torch.testing.assert_close(layer.project_gradient(left, right), left.T @ G @ right)
+
+
+class _CountProducts(TorchDispatchMode):
+    """Counts the matrix products and convolution gradients dispatched inside the block."""
+
+    PRODUCTS = {"mm", "bmm", "addmm", "convolution", "convolution_backward"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [lambda: LowRankLinear(12, 10, 3), lambda: LowRankConv2d(2, 5, 3, 3, padding=1)],
+                         ids=["linear", "conv"])
+def test_frozen_factors_get_no_gradient_and_the_others_are_unchanged(make):
+    """The fixed-rank step's second pass freezes U and V: the backward skips G V and G^T U."""
+    layer = make().double()
+    x = torch.randn(4, 12) if isinstance(layer, LowRankLinear) else torch.randn(4, 2, 6, 6)
+    x = x.double().requires_grad_()
+    (layer(x) ** 2).sum().backward()
+    expected = (x.grad.clone(), layer.S.grad.clone(), layer.bias.grad.clone())
+    x.grad = None
+    layer.zero_grad()
+    layer.U.requires_grad_(False)
+    layer.V.requires_grad_(False)
+    with _CountProducts() as frozen:
+        (layer(x) ** 2).sum().backward()
+    assert layer.U.grad is None and layer.V.grad is None
+    for got, want in zip((x.grad, layer.S.grad, layer.bias.grad), expected):
+        torch.testing.assert_close(got, want)
+    layer.U.requires_grad_(True)
+    layer.V.requires_grad_(True)
+    with _CountProducts() as trained:
+        (layer(x) ** 2).sum().backward()
+    assert frozen.count < trained.count  # the skipped products were not computed
 
 
 def test_from_linear_and_from_conv_are_truncated_svds():

@@ -243,3 +243,22 @@ def test_fixed_method_without_closure_says_what_to_do():
     F.cross_entropy(model(batch_for(model)[0]), batch_for(model)[1]).backward()
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
+
+
+def test_fixed_method_second_pass_takes_only_the_s_gradients_and_unfreezes_after():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1, method="fixed")
+    x, y = batch_for(model)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        seen.append([(layer.U.grad is None, layer.V.grad is None, layer.S.grad is None) for layer in opt.layers])
+        return loss
+
+    closure()
+    opt.step(closure)
+    assert seen == [[(False, False, False)] * 2, [(True, True, False)] * 2]  # first pass, second pass
+    assert all(p.requires_grad for layer in opt.layers for p in (layer.U, layer.S, layer.V))

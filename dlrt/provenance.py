@@ -1,0 +1,21 @@
+"""Which code made a result: the git commit of the source tree, recorded in run summaries and bench CSVs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def code_version() -> str:
+    """The git commit of the code in the source tree (with '+dirty' for uncommitted changes), if any."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+# Read when this module is imported, i.e. of the code this process runs, however long it runs.
+CODE_VERSION = code_version()
