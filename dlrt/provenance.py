@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def code_version() -> str:
-    """The git commit of the code in the source tree (with '+dirty' for uncommitted changes), if any."""
-    repo = Path(__file__).resolve().parent.parent
+    """The git commit of the source tree, with '+dirty' when the package's own files have uncommitted changes
+    (results written into the same checkout do not count), or 'unknown' outside a git checkout."""
+    package = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=package,
+                               capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
