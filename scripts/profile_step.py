@@ -1,0 +1,78 @@
+"""Where one training step's time goes, by aten operation: torch.profiler over a few steps of a bench case.
+
+The profiles quoted in results/bench/README.md come from this script, e.g. the fixed-rank step at rank 640 of
+the timing study and the FC step at the ϑ = 0.09 ranks:
+
+    python scripts/profile_step.py --case timing_study --rank 640 --method fixed
+    python scripts/profile_step.py --case fc500_t0.09 --method adaptive --shapes
+
+After one warm-up step it times --steps steps (median wall time), then profiles as many more and prints
+the profiler's table (the profiler adds some overhead of its own). One thread unless --threads says
+otherwise; subnormals flushed as in dlrt-bench; ranks pinned, as in the bench. CPU only.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dlrt import bench
+
+METHODS = ("dense", "adaptive", "parallel", "fixed", "vanilla")
+
+
+def timing_study_case(rank: int, width: int, batch: int) -> bench.Case:
+    return bench.Case("timing_study", "fc", {"width": width}, rank, batch, 0.1, "sgd", 0.01)
+
+
+def main(argv=None) -> int:
+    cases = [case.name for case in bench.step_cases(quick=False)]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="fc500_t0.09", choices=[*cases, "timing_study"])
+    parser.add_argument("--method", default="adaptive", choices=METHODS)
+    parser.add_argument("--rank", type=int, default=640, help="timing study: the rank of all four layers [640]")
+    parser.add_argument("--width", type=int, default=5120, help="timing study: the layer width [5120]")
+    parser.add_argument("--batch", type=int, default=None, help="batch size [the case's]")
+    parser.add_argument("--steps", type=int, default=3, help="steps timed, then profiled [3]")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", action="store_true", help="one row per operation and input shapes")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the table [25]")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device = torch.device("cpu")
+    if args.case == "timing_study":
+        case = timing_study_case(args.rank, args.width, args.batch or 500)
+    else:
+        case = next(c for c in bench.step_cases(quick=False) if c.name == args.case)
+        case.batch = args.batch or case.batch
+    batches = bench.synthetic_batches(case, device, 2)
+    runner = bench.make_runner(args.method, case, device)
+    if args.method != "dense":
+        bench.pin_ranks(runner.opt)
+    runner.step(*batches[0])  # warm-up: states made
+    seconds = []
+    for i in range(args.steps):
+        started = time.perf_counter()
+        runner.step(*batches[i % 2])
+        seconds.append(time.perf_counter() - started)
+    ranks = runner.opt.ranks() if args.method != "dense" else "dense"
+    print(f"{case.name} {args.method}, ranks {ranks}, "
+          f"batch {case.batch}, {args.threads} thread(s): median step {1e3 * statistics.median(seconds):.1f} ms "
+          f"over {args.steps} steps")
+    with profile(record_shapes=args.shapes) as prof:
+        for i in range(args.steps):
+            runner.step(*batches[i % 2])
+    table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    print(f"torch.profiler over {args.steps} steps (totals, not per step):")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
