@@ -262,3 +262,17 @@ def test_fixed_method_second_pass_takes_only_the_s_gradients_and_unfreezes_after
     opt.step(closure)
     assert seen == [[(False, False, False)] * 2, [(True, True, False)] * 2]  # first pass, second pass
     assert all(p.requires_grad for layer in opt.layers for p in (layer.U, layer.S, layer.V))
+
+
+def test_fixed_method_unfreezes_the_factors_when_the_second_pass_fails():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1, method="fixed")
+    x, y = batch_for(model)
+    F.cross_entropy(model(x), y).backward()
+
+    def failing_closure():
+        raise RuntimeError("data loader died")
+
+    with pytest.raises(RuntimeError, match="data loader died"):
+        opt.step(failing_closure)
+    assert all(p.requires_grad for layer in opt.layers for p in (layer.U, layer.S, layer.V))
