@@ -11,7 +11,8 @@ Suites (`SUITES`):
   784-500x4-10 (batch 256, Adam lr 1e-3) at the paper's ϑ=0.09 ranks [35,53,51,46] and at rank 40;
   methods dense (plain nn layers + torch.optim's default, the reference of every ratio), dense_fused
   (the same with torch's opt-in fused optimizer kernel: the fastest dense step torch offers),
-  adaptive, adaptive_pinned, parallel, fixed, vanilla.
+  adaptive, adaptive_pinned, parallel, fixed, vanilla; on CUDA also adaptive_graphed (adaptive_pinned
+  replayed from CUDA graphs, dlrt.graphs).
 - ``timing_study``: PAPER.md §3's study, 784-W x4-10 (W=5120) at batch 500, fixed ranks, methods
   fixed and adaptive (r_min = r_max = r), inference per rank, dense as reference.
 - ``breakdown``: where the adaptive step of LeNet5 and FC spends its time (forward, backward, QR, SVD,
@@ -75,11 +76,17 @@ from torch import nn
 from . import integrators as ig
 from . import layers as lr_layers
 from .models import build_model
+from .graphs import GraphedStep
 from .optim import DLRTOptimizer
 from .provenance import CODE_VERSION
 
 SUITES = ("steps", "timing_study", "breakdown", "linalg")
 STEP_METHODS = ("dense", "dense_fused", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
+CUDA_STEP_METHODS = STEP_METHODS + ("adaptive_graphed",)
+
+
+def step_methods(device: torch.device) -> tuple[str, ...]:
+    return CUDA_STEP_METHODS if device.type == "cuda" else STEP_METHODS
 PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
@@ -288,11 +295,15 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
         opt = _dense_optimizer(model.parameters(), case.optimizer, case.lr, fused=method == "dense_fused")
         return Runner(method, model, make_step(model, opt, False), opt)
     model = copy.deepcopy(base) if base is not None else build(case, device, low_rank=True)
-    dlrt_method = "adaptive" if method == "adaptive_pinned" else method
-    bounds = {} if r_min is None else {"r_min": r_min, "r_max": r_max}
-    opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer, **bounds)
-    if method == "adaptive_pinned":
+    dlrt_method = "adaptive" if method in ("adaptive_pinned", "adaptive_graphed") else method
+    options = {} if r_min is None else {"r_min": r_min, "r_max": r_max}
+    if method == "adaptive_graphed" and case.optimizer == "adam":  # torch's Adam refuses capture otherwise
+        options["dense_optimizer"] = lambda params: torch.optim.Adam(params, lr=case.lr, fused=True, capturable=True)
+    opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer, **options)
+    if method in ("adaptive_pinned", "adaptive_graphed"):
         pin_ranks(opt)
+    if method == "adaptive_graphed":
+        return Runner(method, model, GraphedStep(model, opt, F.cross_entropy), opt)
     return Runner(method, model, make_step(model, opt, dlrt_method == "fixed"), opt)
 
 
@@ -443,12 +454,13 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
     cases = step_cases(args.quick)
     from tqdm import tqdm
 
-    total = len(cases) * len(STEP_METHODS) * (args.steps + args.infer_steps)
+    methods = step_methods(device)
+    total = len(cases) * len(methods) * (args.steps + args.infer_steps)
     with tqdm(total=total, desc="steps", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         for case in cases:
             waited = wait_for_idle(args.wait_idle)
             base = build(case, device, low_rank=True)
-            runners = [make_runner(m, case, device, base) for m in STEP_METHODS]
+            runners = [make_runner(m, case, device, base) for m in methods]
             ranks_start = {r.name: r.ranks() for r in runners}
             batches = synthetic_batches(case, device, args.batches)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -586,7 +598,7 @@ def patched_parts(timer: PartTimer, opt):
         (torch.linalg, "qr", "qr"),
         (torch.linalg, "svd", "svd"),
         (torch.linalg, "eigh", "svd"),  # gram_svd, the CPU's SVD of the core
-        (ig, "truncation_ranks", "truncation+sync"),
+        (ig, "truncation_rank_tensor", "truncation+sync"),  # the part's own sync stands for the step's
         (lr_layers._LowRankLayer, "project_gradient", "project_gradient"),
         (lr_layers._LowRankLayer, "set_factors", "set_factors"),
         (optim_module, "change_basis", "state_moves"),

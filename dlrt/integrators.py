@@ -153,14 +153,21 @@ def gram_svd_accurate(sigma: torch.Tensor, rank: int) -> bool:
 
 def truncation_ranks(sigmas: list[torch.Tensor], tau: float, relative: bool,
                      r_min: torch.Tensor, r_max: torch.Tensor) -> list[int]:
+    """truncation_rank_tensor as a list: one host synchronisation for all layers."""
+    return truncation_rank_tensor(sigmas, tau, relative, r_min, r_max).tolist()
+
+
+def truncation_rank_tensor(sigmas: list[torch.Tensor], tau: float, relative: bool,
+                           r_min: torch.Tensor, r_max: torch.Tensor) -> torch.Tensor:
     """New ranks for many layers at once: for each descending σ (length p), the smallest r1 with
 
         ‖(σ_{r1+1}, …, σ_p)‖_2 ≤ ϑ ‖σ‖_2   (relative)   or   ≤ ϑ   (absolute),
 
     the tail including σ_p, and r1 = p when no smaller cut qualifies (always when ϑ = 0); then clamped
-    to [r_min, min(r_max, p)]. One vectorised pass and one host synchronisation for all layers.
+    to [r_min, min(r_max, p)]. One vectorised pass for all layers, left on the device.
     """
-    sizes = torch.tensor([len(s) for s in sigmas], device=r_min.device)
+    # made on the device, not copied from a Python list: a copy from host memory cannot be in a CUDA graph
+    sizes = torch.stack([torch.full((), len(s), device=r_min.device) for s in sigmas])
     padded = torch.nn.utils.rnn.pad_sequence(sigmas, batch_first=True)  # zeros do not change tails
     # tails[:, k] = ‖σ_{k+1..p}‖ = what is dropped when keeping k; non-increasing in k
     tails = padded.square().flip(1).cumsum(1).flip(1).sqrt()
@@ -169,5 +176,4 @@ def truncation_ranks(sigmas: list[torch.Tensor], tau: float, relative: bool,
     else:
         threshold = tau * padded.norm(dim=1, keepdim=True) if relative else torch.full_like(padded[:, :1], tau)
         ranks = (tails > threshold).sum(1)  # = the first k whose tail qualifies
-    ranks = torch.minimum(torch.maximum(ranks, r_min), torch.minimum(r_max, sizes))
-    return ranks.tolist()
+    return torch.minimum(torch.maximum(ranks, r_min), torch.minimum(r_max, sizes))

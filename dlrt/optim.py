@@ -27,6 +27,7 @@ DistributedDataParallel (a rank change replaces parameters, which DDP cannot fol
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -134,6 +135,16 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def ranks(self) -> list[int]:
         return [layer.rank for layer in self.layers]
 
+    def step_settings(self) -> tuple:
+        """Every Python number a step reads: the ranks, ϑ, the rank bounds, the update rule's and every param
+        group's settings (learning rates included). A graphed step (dlrt.graphs) keeps the numbers it was
+        captured with, so it is captured anew whenever this changes."""
+        plain = (int, float, bool, str, tuple, type(None))
+        groups = tuple(tuple(sorted((k, v) for k, v in group.items() if k != "params" and isinstance(v, plain)))
+                       for group in self.param_groups)
+        return (tuple(self.ranks()), self.method, self.tau, self.absolute_tau, tuple(self._r_min),
+                tuple(self._r_max), tuple(sorted(vars(self.rule).items())), self.state_policy, groups)
+
     def _refresh_factor_params(self) -> None:
         """Point the low-rank group at the layers' current factors (a rank change makes new Parameters)."""
         self.param_groups[0]["params"] = [p for layer in self.layers for p in (layer.U, layer.S, layer.V)]
@@ -164,23 +175,46 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if closure is not None and not self._has_gradients():
             with torch.enable_grad():
                 loss = closure()
-        self._synchronise_workers()
         if self.method == "fixed":
             if closure is None:
                 raise RuntimeError("method='fixed' needs step(closure): its S-step is taken at the moved basis")
+            self._synchronise_workers()
             return self._fixed_rank_step(closure)
-        active = [i for i, layer in enumerate(self.layers) if layer.U.grad is not None]
+        plan = self.prepare_step()
+        self.finish_step(plan, plan.new_ranks.tolist() if plan.new_ranks is not None else None)
+        return loss
+
+    @torch.no_grad()
+    def prepare_step(self) -> StepPlan:
+        """The first half of a step: everything up to the truncation decisions, which stay on the device.
+
+        `step` is prepare_step, one host sync (`plan.new_ranks.tolist()`), finish_step. They are public for
+        graphed steps (dlrt.graphs), which replay each half and read the ranks in between. Not for 'fixed'.
+        """
+        if self.method == "fixed":
+            raise RuntimeError("method='fixed' takes a second pass inside step(closure): it has no prepare_step")
+        self._refresh_factor_params()
+        self._synchronise_workers()
+        plan = StepPlan(active=[i for i, layer in enumerate(self.layers) if layer.U.grad is not None])
+        if self.method in ("adaptive", "parallel") and plan.active:
+            self._plan_truncation(plan)
+        return plan
+
+    @torch.no_grad()
+    def finish_step(self, plan: StepPlan, new_ranks: list[int] | None) -> None:
+        """The second half of a step: the factors at `new_ranks` (one per active layer, from
+        plan.new_ranks; None for the methods that keep ranks), the S-, U- and V-steps, the dense parameters."""
         if self.method in ("adaptive", "parallel"):
-            self._rank_adaptive_step(active)
+            if plan.active:
+                self._truncate(plan, new_ranks)
         elif self.method == "s_only":
-            self._s_steps(active)
+            self._s_steps(plan.active)
         else:
-            self._vanilla_step(active)
+            self._vanilla_step(plan.active)
         self.dense_optimizer.step()
         for layer in self.layers:
             layer.clear_step_inputs()
         self._refresh_factor_params()
-        return loss
 
     def _synchronise_workers(self) -> None:
         """Data parallel: average every gradient over the workers and take rank 0's buffers (BatchNorm
@@ -206,33 +240,36 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _s_directions(self, active: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.rule.directions([self.layer_states[i]["S"] for i in active], grads)
 
-    def _rank_adaptive_step(self, active: list[int]) -> None:
-        if not active:
-            return
+    def _plan_truncation(self, plan: StepPlan) -> None:
+        """Phases 1-3 of the rank-adaptive step, for all active layers: new directions, the S-step at the
+        augmented bases and its SVD, and the truncation decisions as one device tensor."""
+        active = plan.active
         factor = self.layers[active[0]].U
         on_cpu = takes_host_checked_shortcuts(factor)
         # The Gram route, in float64, is as accurate as a float32 SVD, not as a float64 one.
-        via_gram = on_cpu and factor.dtype != torch.float64
+        plan.via_gram = on_cpu and factor.dtype != torch.float64
         steps = self._directions(active)
-        new_bases = {}
         for i in active:  # phase 1: the new directions Ũ, Ṽ from the K- and L-step directions
             layer, (dK, dL) = self.layers[i], steps[i]
             count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
-            new_bases[i] = (ig.new_directions(layer.U.detach(), dK, count, projected=on_cpu),
-                            ig.new_directions(layer.V.detach(), dL, count, projected=on_cpu))
-        cores = self._augmented_cores(active, steps, new_bases)  # phase 2: the S-step and its SVD
-        svds = {i: ig.gram_svd(S1) if via_gram else ig.svd(S1) for i, S1 in cores.items()}
-        new_ranks = ig.truncation_ranks(  # phase 3: all truncation decisions, one host sync
-            [svds[i][1] for i in active], self.tau, not self.absolute_tau, *self._rank_bounds(active, factor.device),
+            plan.new_bases[i] = (ig.new_directions(layer.U.detach(), dK, count, projected=on_cpu),
+                                 ig.new_directions(layer.V.detach(), dL, count, projected=on_cpu))
+        plan.cores = self._augmented_cores(active, steps, plan.new_bases)  # phase 2: the S-step and its SVD
+        plan.svds = {i: ig.gram_svd(S1) if plan.via_gram else ig.svd(S1) for i, S1 in plan.cores.items()}
+        plan.new_ranks = ig.truncation_rank_tensor(  # phase 3: all truncation decisions, on the device
+            [plan.svds[i][1] for i in active], self.tau, not self.absolute_tau, *self._rank_bounds(active, factor.device),
         )
-        for i, r1 in zip(active, new_ranks):  # phase 4: new factors and state in the new bases
+
+    def _truncate(self, plan: StepPlan, new_ranks: list[int]) -> None:
+        """Phase 4: new factors and state in the new bases."""
+        for i, r1 in zip(plan.active, new_ranks):
             layer, state = self.layers[i], self.layer_states[i]
             r0 = layer.rank
-            P, sigma, Qh = svds[i]
-            if via_gram and not ig.gram_svd_accurate(sigma, r1):
-                P, sigma, Qh = ig.svd(cores[i])
+            P, sigma, Qh = plan.svds[i]
+            if plan.via_gram and not ig.gram_svd_accurate(sigma, r1):
+                P, sigma, Qh = ig.svd(plan.cores[i])
             P1, Q1 = P[:, :r1], Qh[:r1].T
-            U_new, V_new = new_bases[i]
+            U_new, V_new = plan.new_bases[i]
             layer.set_factors(ig.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
                               ig.rotate(layer.V.detach(), V_new, Q1))
             policy = self.state_policy
@@ -326,6 +363,19 @@ class DLRTOptimizer(torch.optim.Optimizer):
             for s in state_dict["layer_states"]
         ]
         self.dense_optimizer.load_state_dict(state_dict["dense"])
+
+
+@dataclass
+class StepPlan:
+    """What the first half of a step hands to the second: the active layers and, for the rank-adaptive
+    methods, their new directions, augmented cores, SVDs and the new ranks as a device tensor."""
+
+    active: list[int]
+    new_bases: dict = field(default_factory=dict)
+    cores: dict = field(default_factory=dict)
+    svds: dict = field(default_factory=dict)
+    via_gram: bool = False
+    new_ranks: torch.Tensor | None = None
 
 
 def takes_host_checked_shortcuts(factor: torch.Tensor) -> bool:

@@ -1,0 +1,243 @@
+"""A DLRT training step replayed from CUDA graphs: two graphs per set of ranks, around the one host sync.
+
+On a GPU a DLRT step is bound by the host, not by arithmetic (results/bench/gpu/README.md): hundreds of small
+operations, each launched from Python. A CUDA graph records the kernels of a piece of work once and launches
+them all again with one call. A whole DLRT step cannot be one graph, because the number of columns each
+factor keeps is decided on the host from the singular values. So a step is
+
+    graph 1: zero the gradients in place, forward, loss, backward, DLRTOptimizer.prepare_step
+             (new directions, augmented cores, their SVDs, the new ranks as a device tensor)
+    host:    read the new ranks
+    graph 2: at unchanged ranks, DLRTOptimizer.finish_step (factors copied into the same Parameters, the
+             dense parameters stepped), and the optimizer states copied back into the tensors graph 1 reads
+
+When the ranks change, the second half runs eagerly (it makes new Parameters), the graphs are dropped, and
+the next step is taken eagerly once more (a warm-up) before graphs are captured for the new ranks. A graph
+keeps the Python numbers it was captured with, so everything of that kind that a step reads (ranks, learning
+rates, ϑ, rank bounds: `DLRTOptimizer.step_settings`) and the input shapes are the graphs' key. The first step
+at a new key is always eager, so a graph never captures lazily made state (momentum buffers, the bounds cache).
+
+Backends: `CudaGraphs` (torch.cuda.CUDAGraph, warm-up on a side stream) and `ReplayGraphs`, a CPU stand-in
+that records the aten calls of a captured run and replays them on the same tensors, so that the tests can
+check on a CPU that graphed steps equal eager ones and that nothing reads a device value inside a graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import optim
+from .optim import DLRTOptimizer
+
+
+class GraphedStep:
+    """`step(x, y)` = zero_grad, loss_fn(model(x), y), backward, optimizer step; replayed from graphs.
+
+    Returns the loss of this step as a tensor that the next call overwrites (`.item()` it, or clone it).
+    Inputs must keep their shape and dtype for graphs to be reused; a new shape is a new key.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: DLRTOptimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], graphs=None):
+        if optimizer.method == "fixed":
+            raise ValueError("method='fixed' takes a second forward/backward inside its step; graph 'adaptive', "
+                             "'parallel', 's_only' or 'vanilla'")
+        self.model, self.opt, self.loss_fn = model, optimizer, loss_fn
+        self.graphs = graphs if graphs is not None else CudaGraphs()
+        self._graphed_key = None  # the key the two graphs were captured for
+        self._warmed_key = None  # the key an eager step ended at without changing ranks: ready to capture
+        self._first = self._second = self._plan = self._loss = None
+
+    def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        return self.opt.step_settings(), x.shape, x.dtype, y.shape, y.dtype
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = self._key(x, y)
+        if key == self._graphed_key:
+            self._x.copy_(x)
+            self._y.copy_(y)
+            self._first.replay()
+            return self._finish()
+        if key == self._warmed_key:
+            self._check_shortcuts()
+            self._capture_first(x, y, key)
+            return self._finish()
+        loss = self.graphs.warm_up(lambda: self._eager_step(x, y))  # a new key: one eager step first
+        self._warmed_key = key if self._key(x, y) == key else None
+        return loss
+
+    def _eager_step(self, x, y) -> torch.Tensor:
+        self.opt.zero_grad()
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def _check_shortcuts(self) -> None:
+        factor = self.opt.layers[0].U if self.opt.layers else None
+        if factor is not None and optim.takes_host_checked_shortcuts(factor):
+            raise RuntimeError("the CPU's QR and SVD shortcuts check themselves on the host, which a graph cannot "
+                               "do: graphed steps run the GPU's path (on a CPU only for tests, with "
+                               "dlrt.optim.takes_host_checked_shortcuts returning False)")
+
+    def _capture_first(self, x, y, key) -> None:
+        self._drop()
+        self._x, self._y = x.clone(), y.clone()
+        # the states as graph 1 reads them: graph 2 copies the new states back into these tensors
+        self._states = _state_tensors(self.opt)
+        self._first = self.graphs.new_graph(shared_with=None)
+        with self._first.capture(), torch.enable_grad():
+            self.opt.zero_grad(set_to_none=False)  # gradients stay where graph 1 accumulates them
+            loss = self.loss_fn(self.model(self._x), self._y)
+            loss.backward()
+            self._plan = self.opt.prepare_step()
+        self._states_between = _state_tensors(self.opt)  # as graph 1 leaves them (the S states lifted to 2r)
+        self._loss = loss.detach()
+        if not self.graphs.runs_during_capture:
+            self._first.replay()
+        self._graphed_key = key
+
+    def _finish(self) -> torch.Tensor:
+        """The host's decision, then graph 2 (captured at its first use) or, at new ranks, the eager half."""
+        plan = self._plan
+        new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
+        old_ranks = [self.opt.layers[i].rank for i in plan.active]
+        if new_ranks is not None and new_ranks != old_ranks:
+            _put(self.opt, self._states_between)  # after a replay the dict holds the states graph 1 reads
+            self.opt.finish_step(plan, new_ranks)  # new Parameters: these graphs are done
+            loss = self._loss.clone()
+            self._drop()
+            return loss
+        if self._second is not None:
+            self._second.replay()
+            return self._loss
+        self._second = self.graphs.new_graph(shared_with=self._first)
+        with self._second.capture():
+            self.opt.finish_step(plan, new_ranks)
+            _copy_back(self.opt, self._states)
+        if not self.graphs.runs_during_capture:
+            self._second.replay()
+        return self._loss
+
+    def _drop(self) -> None:
+        self._graphed_key = self._warmed_key = None
+        self._first = self._second = self._plan = None
+
+
+def _state_tensors(opt: DLRTOptimizer) -> dict:
+    return {(i, part, name): tensor for i, layer_state in enumerate(opt.layer_states)
+            for part, entries in layer_state.items() for name, tensor in entries.items()}
+
+
+def _put(opt: DLRTOptimizer, states: dict) -> None:
+    for (i, part, name), tensor in states.items():
+        opt.layer_states[i][part][name] = tensor
+
+
+def _copy_back(opt: DLRTOptimizer, before: dict) -> None:
+    """Put each state's new value into the tensor it had before the step (same shape at unchanged ranks)."""
+    for (i, part, name), old in before.items():
+        new = opt.layer_states[i][part][name]
+        if new is not old:
+            old.copy_(new)
+            opt.layer_states[i][part][name] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------------
+
+
+class CudaGraphs:
+    """torch.cuda.CUDAGraph; the two graphs of a key share a memory pool (replayed in capture order)."""
+
+    runs_during_capture = False
+
+    def warm_up(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            result = step()
+        torch.cuda.current_stream().wait_stream(stream)
+        return result
+
+    def new_graph(self, shared_with=None) -> "_CudaGraph":
+        return _CudaGraph(shared_with.pool if shared_with is not None else torch.cuda.graph_pool_handle())
+
+
+class _CudaGraph:
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self):
+        return torch.cuda.graph(self.graph, pool=self.pool)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class ReplayGraphs:
+    """A CPU stand-in for CUDA graphs, for tests: a captured run is executed (and recorded); a replay executes
+    the recorded aten calls again with the same arguments, writing each result into the tensor the captured
+    run produced. Like a CUDA graph, it keeps the Python numbers of the capture and follows no Python logic;
+    unlike one, it executes during capture. What a CUDA graph cannot capture raises (see _Recorder)."""
+
+    runs_during_capture = True
+
+    def warm_up(self, step):
+        return step()
+
+    def new_graph(self, shared_with=None) -> "ReplayGraph":
+        return ReplayGraph()
+
+
+class ReplayGraph:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    @contextlib.contextmanager
+    def capture(self):
+        with _Recorder(self.calls):
+            yield
+
+    @torch.no_grad()  # the calls were recorded below autograd: run them again without it
+    def replay(self) -> None:
+        for func, args, kwargs, recorded in self.calls:
+            fresh = func(*args, **kwargs)
+            for old, new in zip(_tensors(recorded), _tensors(fresh)):
+                if old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr():
+                    old.copy_(new)  # a new result: into the captured run's tensor, which later calls read
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten call; refuses the two that a CUDA graph cannot hold: reading a device value on the
+    host (item, bool, tolist of a tensor) and making a tensor from Python data (torch.tensor(list, device=...),
+    a copy from pageable host memory on a GPU)."""
+
+    REFUSED = {torch.ops.aten._local_scalar_dense.default: "reads a device value on the host",
+               torch.ops.aten.lift_fresh.default: "makes a tensor from Python data (a host-to-device copy on a GPU)"}
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.REFUSED:
+            raise RuntimeError(f"{func} {self.REFUSED[func]} inside a graph capture: a CUDA graph cannot hold it")
+        result = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, result))
+        return result

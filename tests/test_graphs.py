@@ -1,0 +1,177 @@
+"""Graphed DLRT steps (dlrt.graphs) on the CPU stand-in for CUDA graphs: the same training as eager steps."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlrt import DLRTOptimizer
+from dlrt import optim as dlrt_optim
+from dlrt.graphs import GraphedStep, ReplayGraph, ReplayGraphs
+
+from helpers import batch_for, seeded, small_cnn, small_mlp
+
+
+@pytest.fixture(autouse=True)
+def gpu_path(monkeypatch):
+    """Graphs need the GPU's code path (no host-checked shortcuts)."""
+    monkeypatch.setattr(dlrt_optim, "takes_host_checked_shortcuts", lambda factor: False)
+
+
+def test_replay_recomputes_from_the_captured_tensors_and_keeps_python_numbers():
+    x = torch.ones(3)
+    scale = 2.0
+    graph = ReplayGraph()
+    with graph.capture():
+        y = torch.exp(x * scale)
+        y.add_(1)
+    x.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    scale = 5.0  # a graph does not see this: the 2.0 of the capture is kept
+    graph.replay()
+    torch.testing.assert_close(y, torch.exp(torch.tensor([0.0, 2.0, 4.0])) + 1)
+
+
+@pytest.mark.parametrize("work,message", [
+    (lambda: bool(torch.ones(2).sum() > 0), "reads a device value on the host"),
+    (lambda: torch.tensor([1, 2]), "makes a tensor from Python data"),
+])
+def test_what_a_cuda_graph_cannot_hold_is_refused(work, message):
+    graph = ReplayGraph()
+    with pytest.raises(RuntimeError, match=message), graph.capture():
+        work()
+
+
+def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: int | None):
+    """Eager or graphed steps over the batches; the learning rate halves at one step (a new graph key), and
+    the ranks may be allowed to grow by one at another (a rank change after a graphed first half)."""
+    step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs()) if graphed else None
+    losses, ranks = [], []
+    for n, (x, y) in enumerate(batches):
+        if n == halve_lr_at:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+        if n == grow_ranks_at:
+            opt._r_max = [r + 1 for r in opt.ranks()]
+        if graphed:
+            losses.append(step(x, y).item())
+        else:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        ranks.append(opt.ranks())
+    return losses, ranks
+
+
+@pytest.mark.parametrize("factory", [small_mlp, small_cnn], ids=["linear", "conv"])
+@pytest.mark.parametrize("method,optimizer,tau,grow_ranks_at", [
+    ("adaptive", "sgd", 0.2, None), ("adaptive", "adam", 0.2, None), ("adaptive", "sgd", 0.0, 4),
+    ("parallel", "sgd", 0.2, None), ("parallel", "adam", 0.0, 4), ("s_only", "sgd", 0.2, None),
+    ("vanilla", "adam", 0.2, None),
+])
+def test_graphed_steps_train_exactly_like_eager_steps(factory, method, optimizer, tau, grow_ranks_at):
+    """Ranks pinned (r_min = r_max), so that graphs are replayed; where they grow, the graphs are dropped."""
+    model = seeded(factory)
+    batches = [batch_for(model, seed=s) for s in [0, 1, 2, 3] * 3]
+    kwargs = dict(lr=0.05 if optimizer == "sgd" else 1e-2, tau=tau, method=method, optimizer=optimizer, momentum=0.9)
+    runs = {}
+    for graphed in (False, True):
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, **kwargs)
+        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        runs[graphed] = (copy_, *train(copy_, opt, batches, graphed, halve_lr_at=7, grow_ranks_at=grow_ranks_at))
+    (eager, eager_losses, eager_ranks), (graphed, graphed_losses, graphed_ranks) = runs[False], runs[True]
+    assert graphed_ranks == eager_ranks
+    torch.testing.assert_close(graphed_losses, eager_losses)
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q)
+    if grow_ranks_at is not None:
+        assert eager_ranks[grow_ranks_at] == [r + 1 for r in eager_ranks[0]]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
+    """The ranks may change at an unchanged key: graph 1 replays, the host sees new ranks, the second half
+    runs eagerly from the states graph 1 left. Here r_max is raised inside the device tensor graph 1 reads
+    (the eager run raises it the ordinary way), so that ϑ = 0 grows every rank by one at step 4."""
+    model = seeded(small_mlp)
+    batches = [batch_for(model, seed=s) for s in range(7)]
+    runs = {}
+    for graphed in (False, True):
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, lr=0.05 if optimizer == "sgd" else 1e-2, tau=0.0, optimizer=optimizer, momentum=0.9)
+        start = opt.ranks()
+        opt._r_min, opt._r_max = list(start), list(start)
+        step = GraphedStep(copy_, opt, F.cross_entropy, graphs=ReplayGraphs())
+        losses = []
+        for n, (x, y) in enumerate(batches):
+            if n == 4:
+                if graphed:
+                    assert step._second is not None  # graphs are being replayed
+                    opt._bounds_cache[2].add_(1)
+                else:
+                    opt._r_max = [r + 1 for r in start]
+            if graphed:
+                losses.append(step(x, y).item())
+            else:
+                opt.zero_grad()
+                loss = F.cross_entropy(copy_(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        assert opt.ranks() == [r + 1 for r in start]
+        runs[graphed] = (copy_, losses)
+    torch.testing.assert_close(runs[True][1], runs[False][1])
+    for p, q in zip(runs[True][0].parameters(), runs[False][0].parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_graphs_are_replayed_at_unchanged_ranks_and_dropped_when_they_change():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.05, tau=0.2)
+    opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+    step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs())
+    x, y = batch_for(model)
+    step(x, y)  # eager warm-up
+    assert step._first is None
+    step(x, y)  # captured
+    first = step._first
+    step(x, y)
+    assert step._first is first and step._second is not None  # replayed, not captured again
+    opt._r_max = [r + 1 for r in opt.ranks()]  # let the ranks grow: a new key after this step
+    for _ in range(3):
+        step(x, y)
+    assert step._first is not first
+
+
+def test_fixed_rank_steps_cannot_be_graphed():
+    model = seeded(small_mlp)
+    with pytest.raises(ValueError, match="fixed"):
+        GraphedStep(model, DLRTOptimizer(model, lr=0.1, method="fixed"), F.cross_entropy, graphs=ReplayGraphs())
+
+
+def test_the_cpu_shortcuts_are_refused(monkeypatch):
+    monkeypatch.setattr(dlrt_optim, "takes_host_checked_shortcuts", lambda factor: True)
+    model = seeded(small_mlp)
+    step = GraphedStep(model, DLRTOptimizer(model, lr=0.05), F.cross_entropy, graphs=ReplayGraphs())
+    x, y = batch_for(model)
+    step(x, y)
+    with pytest.raises(RuntimeError, match="shortcuts"):
+        step(x, y)
+
+
+def test_the_bench_times_graphed_steps_on_cuda_only():
+    from dlrt import bench
+
+    assert "adaptive_graphed" not in bench.step_methods(torch.device("cpu"))
+    assert "adaptive_graphed" in bench.step_methods(torch.device("cuda"))
+    case = bench.step_cases(quick=True)[0]  # LeNet5 at its ranks, batch 16
+    runner = bench.make_runner("adaptive_graphed", case, torch.device("cpu"))
+    runner.step.graphs = ReplayGraphs()  # the stand-in, on the CPU
+    batches = bench.synthetic_batches(case, torch.device("cpu"), 2)
+    for i in range(4):
+        runner.step(*batches[i % 2])
+    assert runner.step._second is not None  # warmed up, captured, replayed
+    assert runner.ranks() == case.rank
