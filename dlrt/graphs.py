@@ -223,12 +223,16 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 class _Recorder(TorchDispatchMode):
-    """Records every aten call; refuses the two that a CUDA graph cannot hold: reading a device value on the
-    host (item, bool, tolist of a tensor) and making a tensor from Python data (torch.tensor(list, device=...),
-    a copy from pageable host memory on a GPU)."""
+    """Records every aten call; refuses those a CUDA graph cannot hold: reading a device value on the host
+    (item, bool of a tensor), making a tensor from Python data (torch.tensor(list, device=...), a copy from
+    pageable host memory on a GPU), and results whose size depends on the data (nonzero, masked_select,
+    indexing with a boolean mask: on a GPU the size is read on the host)."""
 
-    REFUSED = {torch.ops.aten._local_scalar_dense.default: "reads a device value on the host",
-               torch.ops.aten.lift_fresh.default: "makes a tensor from Python data (a host-to-device copy on a GPU)"}
+    aten = torch.ops.aten
+    REFUSED = {aten._local_scalar_dense.default: "reads a device value on the host",
+               aten.lift_fresh.default: "makes a tensor from Python data (a host-to-device copy on a GPU)",
+               aten.nonzero.default: "has a size that depends on the data",
+               aten.masked_select.default: "has a size that depends on the data"}
 
     def __init__(self, calls: list):
         super().__init__()
@@ -236,8 +240,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.REFUSED:
-            raise RuntimeError(f"{func} {self.REFUSED[func]} inside a graph capture: a CUDA graph cannot hold it")
+        reason = self.REFUSED.get(func)
+        if func is self.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            reason = "indexes with a boolean mask: its size depends on the data"
+        if reason is not None:
+            raise RuntimeError(f"{func} {reason} inside a graph capture: a CUDA graph cannot hold it")
         result = func(*args, **kwargs)
         self.calls.append((func, args, kwargs, result))
         return result

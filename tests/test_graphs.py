@@ -35,6 +35,8 @@ def test_replay_recomputes_from_the_captured_tensors_and_keeps_python_numbers():
 @pytest.mark.parametrize("work,message", [
     (lambda: bool(torch.ones(2).sum() > 0), "reads a device value on the host"),
     (lambda: torch.tensor([1, 2]), "makes a tensor from Python data"),
+    (lambda: torch.arange(4)[torch.arange(4) > 1], "boolean mask"),
+    (lambda: torch.arange(4).nonzero(), "depends on the data"),
 ])
 def test_what_a_cuda_graph_cannot_hold_is_refused(work, message):
     graph = ReplayGraph()
