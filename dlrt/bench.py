@@ -75,8 +75,8 @@ from torch import nn
 
 from . import integrators as ig
 from . import layers as lr_layers
-from .models import build_model
 from .graphs import GraphedStep
+from .models import build_model
 from .optim import DLRTOptimizer
 from .provenance import CODE_VERSION
 

@@ -44,6 +44,14 @@ def test_what_a_cuda_graph_cannot_hold_is_refused(work, message):
         work()
 
 
+def eager_step(model, opt, x, y) -> float:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: int | None):
     """Eager or graphed steps over the batches; the learning rate halves at one step (a new graph key), and
     the ranks may be allowed to grow by one at another (a rank change after a graphed first half)."""
@@ -55,14 +63,7 @@ def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: i
                 group["lr"] *= 0.5
         if n == grow_ranks_at:
             opt._r_max = [r + 1 for r in opt.ranks()]
-        if graphed:
-            losses.append(step(x, y).item())
-        else:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses.append(step(x, y).item() if graphed else eager_step(model, opt, x, y))
         ranks.append(opt.ranks())
     return losses, ranks
 
@@ -115,14 +116,7 @@ def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
                     opt._bounds_cache[2].add_(1)
                 else:
                     opt._r_max = [r + 1 for r in start]
-            if graphed:
-                losses.append(step(x, y).item())
-            else:
-                opt.zero_grad()
-                loss = F.cross_entropy(copy_(x), y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            losses.append(step(x, y).item() if graphed else eager_step(copy_, opt, x, y))
         assert opt.ranks() == [r + 1 for r in start]
         runs[graphed] = (copy_, losses)
     torch.testing.assert_close(runs[True][1], runs[False][1])
