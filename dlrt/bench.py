@@ -14,7 +14,7 @@ Suites (`SUITES`):
   adaptive, adaptive_pinned, parallel, fixed, vanilla; on CUDA also adaptive_graphed (adaptive_pinned
   replayed from CUDA graphs, dlrt.graphs).
 - ``timing_study``: PAPER.md §3's study, 784-W x4-10 (W=5120) at batch 500, fixed ranks, methods
-  fixed and adaptive (r_min = r_max = r), inference per rank, dense as reference.
+  fixed and adaptive (r_min = r_max = r; on CUDA also adaptive_graphed), inference per rank, dense as reference.
 - ``breakdown``: where the adaptive step of LeNet5 and FC spends its time (forward, backward, QR, SVD,
   the truncation with its host sync, the projected gradient, set_factors, update rule, optimizer-state
   moves, dense step, the rest), by wrapping those functions for the duration (synced on CUDA).
@@ -83,10 +83,15 @@ from .provenance import CODE_VERSION
 SUITES = ("steps", "timing_study", "breakdown", "linalg")
 STEP_METHODS = ("dense", "dense_fused", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
 CUDA_STEP_METHODS = STEP_METHODS + ("adaptive_graphed",)
+TIMING_METHODS = ("fixed", "adaptive")
 
 
 def step_methods(device: torch.device) -> tuple[str, ...]:
     return CUDA_STEP_METHODS if device.type == "cuda" else STEP_METHODS
+
+
+def timing_methods(device: torch.device) -> list[str]:
+    return [*TIMING_METHODS, "adaptive_graphed"] if device.type == "cuda" else list(TIMING_METHODS)
 PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
@@ -500,7 +505,8 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
     case = Case("timing_study", "fc", {"width": width}, 1, args.ts_batch, 0.1, "sgd", 0.01)
     batches = synthetic_batches(case, device, max(2, args.batches // 8))
     timed = dict(warmup=args.ts_warmup, rounds=1, min_steps=args.min_steps, max_seconds=args.ts_max_seconds)
-    total = (1 + 2 * len(ranks)) * args.ts_steps + (1 + len(ranks)) * args.ts_steps
+    methods = timing_methods(device)
+    total = (1 + len(methods) * len(ranks)) * args.ts_steps + (1 + len(ranks)) * args.ts_steps
     rows = []
     with tqdm(total=total, desc="timing study", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         waited = wait_for_idle(args.wait_idle)
@@ -527,13 +533,15 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
             bar.set_postfix_str(f"rank {rank}: building")
             base = build(case, device, low_rank=True)
             bar.set_postfix_str(f"rank {rank}")
-            runners = [make_runner(m, case, device, base, r_min=rank, r_max=rank) for m in ("fixed", "adaptive")]
+            runners = [make_runner(m, case, device, base, r_min=rank, r_max=rank) for m in methods]
             infer = Runner("low_rank", base, None, None)  # the untrained model: inference needs no optimizer
             del base
             time_runners(runners, batches, device, phase="train", steps=args.ts_steps, progress=bar, **timed)
             time_runners([infer], batches, device, phase="infer", steps=args.ts_steps, progress=bar, **timed)
             for runner in runners:
                 rows.append(row(runner.name, "train", runner, rank, runner.ranks(), waited))
+                if runner.name == "adaptive_graphed" and runner.error:  # a capture that failed once fails at
+                    methods.remove("adaptive_graphed")                # every rank: do not try it again
             rows.append(row("low_rank", "infer", infer, rank, infer.ranks(), waited))
             del runners, infer
     return rows
@@ -884,9 +892,10 @@ def plot_timing_study(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, phase, methods in ((axes[0], "train", ("fixed", "adaptive")), (axes[1], "infer", ("low_rank",))):
+    trained = [m for m in (*TIMING_METHODS, "adaptive_graphed") if any(r["method"] == m for r in rows)]
+    for ax, phase, methods in ((axes[0], "train", trained), (axes[1], "infer", ("low_rank",))):
         failures = []
-        for method, marker in zip(methods, ("o", "s")):
+        for method, marker in zip(methods, ("o", "s", "^")):
             mine = [r for r in rows if r["method"] == method and r["phase"] == phase]
             pts = sorted((r["rank"], r["median_ms"]) for r in mine if r["median_ms"] == r["median_ms"])
             failures += [f"{method} r={r['rank']}: {r['error'].split(': ', 1)[-1][:70]}" for r in mine if r.get("error")]
@@ -1085,7 +1094,8 @@ def _run_suites(args, args_list, prog, device, flushing) -> int:
         say(f"\n== timing study: 784-{args.width}x4-10, batch {args.ts_batch}, SGD; ranks {args.ranks} ({ranks_note}) ==")
         say(table(rows, ["method", "phase", "rank", "layer_ranks", "median_ms", "p25_ms", "p75_ms",
                          "ratio_to_dense", "cpu_ms", "cpu_ratio_to_dense", "n", "others_cpu_pct"]))
-        for method, phase in (("fixed", "train"), ("adaptive", "train"), ("low_rank", "infer")):
+        measured = [m for m in (*TIMING_METHODS, "adaptive_graphed") if any(r["method"] == m for r in rows)]
+        for method, phase in [*((m, "train") for m in measured), ("low_rank", "infer")]:
             say(f"crossover ({method}, {phase}): wall {crossover(rows, method, phase)}; "
                 f"cpu time {crossover(rows, method, phase, 'cpu_ratio_to_dense')}")
         _contention_warning(rows, device, say)

@@ -166,7 +166,7 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         return result
 
-    def new_graph(self, shared_with=None) -> "_CudaGraph":
+    def new_graph(self, shared_with=None) -> _CudaGraph:
         return _CudaGraph(shared_with.pool if shared_with is not None else torch.cuda.graph_pool_handle())
 
 
@@ -192,7 +192,7 @@ class ReplayGraphs:
     def warm_up(self, step):
         return step()
 
-    def new_graph(self, shared_with=None) -> "ReplayGraph":
+    def new_graph(self, shared_with=None) -> ReplayGraph:
         return ReplayGraph()
 
 

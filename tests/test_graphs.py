@@ -1,6 +1,7 @@
 """Graphed DLRT steps (dlrt.graphs) on the CPU stand-in for CUDA graphs: the same training as eager steps."""
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -171,3 +172,21 @@ def test_the_bench_times_graphed_steps_on_cuda_only():
         runner.step(*batches[i % 2])
     assert runner.step._second is not None  # warmed up, captured, replayed
     assert runner.ranks() == case.rank
+
+
+def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeypatch):
+    """As on a GPU whose QR or SVD cannot be captured: here CudaGraphs fails on a CPU-only machine. The error
+    is written in the graphed rows of the first rank, the method is not tried again, the others are measured."""
+    from dlrt import bench
+
+    monkeypatch.setattr(bench, "timing_methods", lambda device: [*bench.TIMING_METHODS, "adaptive_graphed"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA here")))
+    code = bench.main(["--quick", "--device", "cpu", "--suite", "timing_study", "--ranks", "2,4", "--threads", "1",
+                       "--out", str(tmp_path)])
+    assert code == 0
+    with open(tmp_path / "timing_study.csv") as f:
+        rows = list(csv.DictReader(f))
+    graphed = [r for r in rows if r["method"] == "adaptive_graphed"]
+    assert [r["rank"] for r in graphed] == ["2"] and "no CUDA here" in graphed[0]["error"]
+    assert {r["rank"] for r in rows if r["method"] == "adaptive" and not r["error"]} == {"2", "4"}
+    assert "crossover (adaptive_graphed, train)" in (tmp_path / "timing_study.txt").read_text()
