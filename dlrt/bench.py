@@ -86,12 +86,17 @@ CUDA_STEP_METHODS = STEP_METHODS + ("adaptive_graphed",)
 TIMING_METHODS = ("fixed", "adaptive")
 
 
-def step_methods(device: torch.device) -> tuple[str, ...]:
-    return CUDA_STEP_METHODS if device.type == "cuda" else STEP_METHODS
+def step_methods(device: torch.device, graphs: str = "with") -> tuple[str, ...]:
+    """The steps suite's methods; dense first (the reference of every ratio)."""
+    if device.type != "cuda" or graphs == "without":
+        return STEP_METHODS
+    return ("dense", "adaptive_graphed") if graphs == "only" else CUDA_STEP_METHODS
 
 
-def timing_methods(device: torch.device) -> list[str]:
-    return [*TIMING_METHODS, "adaptive_graphed"] if device.type == "cuda" else list(TIMING_METHODS)
+def timing_methods(device: torch.device, graphs: str = "with") -> list[str]:
+    if device.type != "cuda" or graphs == "without":
+        return list(TIMING_METHODS)
+    return ["adaptive_graphed"] if graphs == "only" else [*TIMING_METHODS, "adaptive_graphed"]
 PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
 # On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
 # layer) and building the model minutes: the CPU default stops at 640, past the crossover.
@@ -459,7 +464,7 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
     cases = step_cases(args.quick)
     from tqdm import tqdm
 
-    methods = step_methods(device)
+    methods = step_methods(device, args.graphs)
     total = len(cases) * len(methods) * (args.steps + args.infer_steps)
     with tqdm(total=total, desc="steps", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         for case in cases:
@@ -505,7 +510,7 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
     case = Case("timing_study", "fc", {"width": width}, 1, args.ts_batch, 0.1, "sgd", 0.01)
     batches = synthetic_batches(case, device, max(2, args.batches // 8))
     timed = dict(warmup=args.ts_warmup, rounds=1, min_steps=args.min_steps, max_seconds=args.ts_max_seconds)
-    methods = timing_methods(device)
+    methods = timing_methods(device, args.graphs)
     total = (1 + len(methods) * len(ranks)) * args.ts_steps + (1 + len(ranks)) * args.ts_steps
     rows = []
     with tqdm(total=total, desc="timing study", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
@@ -968,6 +973,10 @@ def parse_args(argv):
     p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.set_flush_denormal(True) while timing (CPU): subnormal floats are slow on x86 "
                         "and say nothing about the method")
+    p.add_argument("--graphs", choices=("with", "without", "only"), default="with",
+                   help="CUDA only: time adaptive_graphed (CUDA graphs) beside the other methods, not at all, or "
+                        "alone with dense (a capture that fails can leave the GPU unusable for the rest of the "
+                        "process: gpu_checks.sh measures the graphed steps in a process of their own)")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each case wait up to this many seconds for other processes to leave the CPU")
     args = p.parse_args(argv)

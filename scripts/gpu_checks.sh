@@ -7,9 +7,10 @@
 #   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh /tmp/try --quick    # here, on the CPU, to try it
 #
 # Into the folder given it writes gpu_bench.tar.gz (dlrt-bench's steps, breakdown, linalg and timing-study
-# CSV/TXT/PNG files) and a log. Unpack the archive into results/bench/gpu/ and say there which card made the
-# numbers. Each of the three bench calls has a time limit (BENCH_SECONDS, TIMING_SECONDS), and the archive is
-# made whatever happens, so a slow timing study cannot lose the other suites.
+# CSV/TXT/PNG files; graphed/ holds the steps and timing study of CUDA-graphed steps against dense) and a log.
+# Unpack the archive into results/bench/gpu/ and say there which card made the numbers. Each bench call has a
+# time limit (BENCH_SECONDS, TIMING_SECONDS, GRAPHS_SECONDS), and the archive is made whatever happens, so a
+# slow timing study cannot lose the other suites.
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR [--quick]}
 shift
@@ -24,13 +25,15 @@ if [[ "${1:-}" == "--quick" ]]; then device=cpu; fi
 ranks=${RANKS:-5,10,20,40,80,160,320,640,1280}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  # breakdown and linalg first, in a process of their own: the steps suite tries CUDA-graph capture
-  # (adaptive_graphed), and a capture that fails must not take the other suites' results with it
-  timeout "${BENCH_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite breakdown,linalg \
-    --out "$work" "$@" || echo "breakdown/linalg: exit status $?"
-  timeout "${BENCH_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite steps \
-    --out "$work" "$@" || echo "steps: exit status $?"
+  timeout "${BENCH_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite steps,breakdown,linalg \
+    --graphs without --out "$work" "$@" || echo "steps/breakdown/linalg: exit status $?"
   timeout "${TIMING_SECONDS:-200}" "$PYTHON" -m dlrt.bench --device "$device" --suite timing_study \
-    --ranks "$ranks" --ts-max-seconds 5 --out "$work" "$@" || echo "timing study: exit status $?"
+    --graphs without --ranks "$ranks" --ts-max-seconds 5 --out "$work" "$@" || echo "timing study: exit status $?"
+  # CUDA graphs (adaptive_graphed against dense) last, in a process of their own, into graphed/: a capture
+  # that fails can leave the GPU unusable for the rest of its process
+  if [[ "$device" == cuda ]]; then
+    timeout "${GRAPHS_SECONDS:-200}" "$PYTHON" -m dlrt.bench --device cuda --suite steps,timing_study --graphs only \
+      --ranks "$ranks" --ts-max-seconds 5 --out "$work/graphed" "$@" || echo "graphed steps: exit status $?"
+  fi
 } 2>&1 | tee "$out/gpu_checks.log"
 tar -czf "$out/gpu_bench.tar.gz" -C "$work" .

@@ -179,7 +179,7 @@ def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeyp
     is written in the graphed rows of the first rank, the method is not tried again, the others are measured."""
     from dlrt import bench
 
-    monkeypatch.setattr(bench, "timing_methods", lambda device: [*bench.TIMING_METHODS, "adaptive_graphed"])
+    monkeypatch.setattr(bench, "timing_methods", lambda device, graphs: [*bench.TIMING_METHODS, "adaptive_graphed"])
     monkeypatch.setattr(torch.cuda, "Stream", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA here")))
     code = bench.main(["--quick", "--device", "cpu", "--suite", "timing_study", "--ranks", "2,4", "--threads", "1",
                        "--out", str(tmp_path)])
