@@ -162,8 +162,12 @@ def test_the_cpu_shortcuts_are_refused(monkeypatch):
 def test_the_bench_times_graphed_steps_on_cuda_only():
     from dlrt import bench
 
-    assert "adaptive_graphed" not in bench.step_methods(torch.device("cpu"))
-    assert "adaptive_graphed" in bench.step_methods(torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "adaptive_graphed" not in bench.step_methods(cpu) + tuple(bench.timing_methods(cpu, "only"))
+    assert "adaptive_graphed" in bench.step_methods(cuda) and "adaptive_graphed" in bench.timing_methods(cuda)
+    assert "adaptive_graphed" not in bench.step_methods(cuda, "without") + tuple(bench.timing_methods(cuda, "without"))
+    assert bench.step_methods(cuda, "only") == ("dense", "adaptive_graphed")  # dense first: the reference
+    assert bench.timing_methods(cuda, "only") == ["adaptive_graphed"]
     case = bench.step_cases(quick=True)[0]  # LeNet5 at its ranks, batch 16
     runner = bench.make_runner("adaptive_graphed", case, torch.device("cpu"))
     runner.step.graphs = ReplayGraphs()  # the stand-in, on the CPU
