@@ -19,7 +19,7 @@ at a new key is always eager, so a graph never captures lazily made state (momen
 
 Backends: `CudaGraphs` (torch.cuda.CUDAGraph, warm-up on a side stream) and `ReplayGraphs`, a CPU stand-in
 that records the aten calls of a captured run and replays them on the same tensors, so that the tests can
-check on a CPU that graphed steps equal eager ones and that nothing reads a device value inside a graph.
+check on a CPU that graphed steps equal eager ones and that a graph holds nothing a CUDA graph cannot.
 """
 
 from __future__ import annotations
