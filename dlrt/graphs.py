@@ -35,27 +35,31 @@ from .optim import DLRTOptimizer
 
 
 class GraphedStep:
-    """`step(x, y)` = zero_grad, loss_fn(model(x), y), backward, optimizer step; replayed from graphs.
+    """`loss, output = step(x, y)`: zero_grad, output = model(x), loss_fn(output, y), backward, optimizer
+    step; replayed from graphs.
 
-    Returns the loss of this step as a tensor that the next call overwrites (`.item()` it, or clone it).
-    Inputs must keep their shape and dtype for graphs to be reused; a new shape is a new key.
+    loss and output are tensors that the next call overwrites (`.item()` them, or clone them). Inputs must
+    keep their shape and dtype for graphs to be reused; a new shape is a new key. `check_loss(loss)`, if
+    given, is called before the factors change (a host sync): raise in it to stop a diverging run.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: DLRTOptimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], graphs=None):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], graphs=None,
+                 check_loss: Callable[[torch.Tensor], None] | None = None):
         if optimizer.method == "fixed":
             raise ValueError("method='fixed' takes a second forward/backward inside its step; graph 'adaptive', "
                              "'parallel', 's_only' or 'vanilla'")
         self.model, self.opt, self.loss_fn = model, optimizer, loss_fn
+        self.check_loss = check_loss
         self.graphs = graphs if graphs is not None else CudaGraphs()
         self._graphed_key = None  # the key the two graphs were captured for
         self._warmed_key = None  # the key an eager step ended at without changing ranks: ready to capture
-        self._first = self._second = self._plan = self._loss = None
+        self._first = self._second = self._plan = self._loss = self._output = None
 
     def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         return self.opt.step_settings(), x.shape, x.dtype, y.shape, y.dtype
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._key(x, y)
         if key == self._graphed_key:
             self._x.copy_(x)
@@ -66,17 +70,23 @@ class GraphedStep:
             self._check_shortcuts()
             self._capture_first(x, y, key)
             return self._finish()
-        loss = self.graphs.warm_up(lambda: self._eager_step(x, y))  # a new key: one eager step first
+        # A new key: one eager step first. It gives the states and gradients new tensors, which graphs captured
+        # before would not see: they are dropped.
+        self._drop()
+        result = self.graphs.warm_up(lambda: self._eager_step(x, y))
         self._warmed_key = key if self._key(x, y) == key else None
-        return loss
+        return result
 
-    def _eager_step(self, x, y) -> torch.Tensor:
+    def _eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         self.opt.zero_grad()
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(x), y)
+            output = self.model(x)
+            loss = self.loss_fn(output, y)
             loss.backward()
+        if self.check_loss is not None:
+            self.check_loss(loss.detach())
         self.opt.step()
-        return loss.detach()
+        return loss.detach(), output.detach()
 
     def _check_shortcuts(self) -> None:
         factor = self.opt.layers[0].U if self.opt.layers else None
@@ -93,36 +103,39 @@ class GraphedStep:
         self._first = self.graphs.new_graph(shared_with=None)
         with self._first.capture(), torch.enable_grad():
             self.opt.zero_grad(set_to_none=False)  # gradients stay where graph 1 accumulates them
-            loss = self.loss_fn(self.model(self._x), self._y)
+            output = self.model(self._x)
+            loss = self.loss_fn(output, self._y)
             loss.backward()
             self._plan = self.opt.prepare_step()
         self._states_between = _state_tensors(self.opt)  # as graph 1 leaves them (the S states lifted to 2r)
-        self._loss = loss.detach()
+        self._loss, self._output = loss.detach(), output.detach()
         if not self.graphs.runs_during_capture:
             self._first.replay()
         self._graphed_key = key
 
-    def _finish(self) -> torch.Tensor:
+    def _finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The host's decision, then graph 2 (captured at its first use) or, at new ranks, the eager half."""
+        if self.check_loss is not None:
+            self.check_loss(self._loss)
         plan = self._plan
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         old_ranks = [self.opt.layers[i].rank for i in plan.active]
         if new_ranks is not None and new_ranks != old_ranks:
             _put(self.opt, self._states_between)  # after a replay the dict holds the states graph 1 reads
             self.opt.finish_step(plan, new_ranks)  # new Parameters: these graphs are done
-            loss = self._loss.clone()
+            result = self._loss.clone(), self._output.clone()
             self._drop()
-            return loss
+            return result
         if self._second is not None:
             self._second.replay()
-            return self._loss
+            return self._loss, self._output
         self._second = self.graphs.new_graph(shared_with=self._first)
         with self._second.capture():
             self.opt.finish_step(plan, new_ranks)
             _copy_back(self.opt, self._states)
         if not self.graphs.runs_during_capture:
             self._second.replay()
-        return self._loss
+        return self._loss, self._output
 
     def _drop(self) -> None:
         self._graphed_key = self._warmed_key = None

@@ -64,7 +64,7 @@ def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: i
                 group["lr"] *= 0.5
         if n == grow_ranks_at:
             opt._r_max = [r + 1 for r in opt.ranks()]
-        losses.append(step(x, y).item() if graphed else eager_step(model, opt, x, y))
+        losses.append(step(x, y)[0].item() if graphed else eager_step(model, opt, x, y))
         ranks.append(opt.ranks())
     return losses, ranks
 
@@ -95,6 +95,40 @@ def test_graphed_steps_train_exactly_like_eager_steps(factory, method, optimizer
         assert eager_ranks[grow_ranks_at] == [r + 1 for r in eager_ranks[0]]
 
 
+def test_a_batch_of_another_shape_between_graphed_steps_is_taken_eagerly():
+    """As the last, smaller batch of an epoch: an eager step in between, then graphs again from fresh state."""
+    model = seeded(small_mlp)
+    batches = [batch_for(model, n=8 if s % 4 == 3 else 16, seed=s) for s in range(12)]
+    runs = {}
+    for graphed in (False, True):
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, lr=0.05, tau=0.2, momentum=0.9)
+        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        runs[graphed] = (copy_, *train(copy_, opt, batches, graphed, halve_lr_at=-1, grow_ranks_at=None))
+    torch.testing.assert_close(runs[True][1], runs[False][1])
+    for p, q in zip(runs[True][0].parameters(), runs[False][0].parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_the_output_is_returned_and_a_failing_loss_check_stops_before_the_update():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.05)
+    opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+    seen = []
+    step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs(), check_loss=lambda loss: seen.append(loss.item()))
+    x, y = batch_for(model)
+    for _ in range(3):  # eager, captured, replayed
+        before = model(x).detach()
+        loss, output = step(x, y)
+        torch.testing.assert_close(output, before)  # the output of the forward, before the update
+        assert seen[-1] == loss.item()
+    step.check_loss = lambda loss: (_ for _ in ()).throw(FloatingPointError("loss is nan"))
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError):
+        step(x, y)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
     """The ranks may change at an unchanged key: graph 1 replays, the host sees new ranks, the second half
@@ -117,7 +151,7 @@ def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
                     opt._bounds_cache[2].add_(1)
                 else:
                     opt._r_max = [r + 1 for r in start]
-            losses.append(step(x, y).item() if graphed else eager_step(copy_, opt, x, y))
+            losses.append(step(x, y)[0].item() if graphed else eager_step(copy_, opt, x, y))
         assert opt.ranks() == [r + 1 for r in start]
         runs[graphed] = (copy_, losses)
     torch.testing.assert_close(runs[True][1], runs[False][1])
