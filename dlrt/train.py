@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .data import DataError, data_shape, iterate_batches, load_data
+from .graphs import CudaGraphs, GraphedStep
 from .image_data import IMAGE_DATASETS, IMAGE_SHAPES, load_image_data
 from .layers import low_rank_layers
 from .metrics import parameter_report
@@ -109,6 +110,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.subset={cfg.data.subset} must be a positive integer or null")
     if method not in LOW_RANK_METHODS + ("dense",):
         raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
+    if cfg.cuda_graphs not in (True, False):
+        raise ConfigError(f"cuda_graphs={cfg.cuda_graphs} must be true or false")
+    if cfg.cuda_graphs and method == "fixed":
+        raise ConfigError("cuda_graphs=true cannot graph method=fixed (its step takes a second pass): "
+                          "use adaptive, parallel or vanilla, or cuda_graphs=false")
+    if cfg.cuda_graphs and cfg.precision != "fp32":
+        raise ConfigError("cuda_graphs=true is for precision=fp32 only (autocast inside a graph is not tested)")
     try:  # build the model on the meta device: checks ranks and shapes without any arithmetic
         input_shape, num_classes = input_spec(cfg.data)
         with torch.device("meta"):
@@ -273,6 +281,23 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
     )
 
 
+def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer, device: torch.device,
+                      workers: Workers) -> GraphedStep | None:
+    """The CUDA-graphed training step when cuda_graphs=true and the optimizer's method can be graphed."""
+    if not cfg.cuda_graphs or optimizer.method == "fixed":
+        return None
+    if workers.world_size > 1:
+        raise ConfigError("cuda_graphs=true runs in one process only for now: drop torchrun or set cuda_graphs=false")
+    return GraphedStep(model, optimizer, F.cross_entropy, graphs=graphs_backend(device))
+
+
+def graphs_backend(device: torch.device) -> CudaGraphs:
+    if device.type != "cuda":
+        raise ConfigError("cuda_graphs=true needs a CUDA device (device=cuda): on a CPU a training step is not "
+                          "bound by kernel launches, so there is nothing for graphs to save")
+    return CudaGraphs()
+
+
 def make_scheduler(cfg: DictConfig, optimizer: DLRTOptimizer):
     """ReduceLROnPlateau on the validation loss, stepped once per epoch (the paper's ImageNet protocol)."""
     if cfg.scheduler.name == "none":
@@ -342,6 +367,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     elif workers.is_main:
         _atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
+    graphed = make_graphed_step(cfg, model, optimizer, device, workers)
     plan = f"{cfg.epochs} {method} epochs" + (f" + {finetune_epochs} {cfg.finetune.method} fine-tuning epochs" if finetune_epochs else "")
     if workers.is_main:
         print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
@@ -352,12 +378,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if epoch == cfg.epochs and finetune_epochs:
                 optimizer = make_optimizer(cfg, model, cfg.finetune.method)
                 scheduler = make_scheduler(cfg, optimizer)
+                graphed = make_graphed_step(cfg, model, optimizer, device, workers)
             epoch_start = time.time()
             bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch,
                        desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
                        disable=not (cfg.progress and workers.is_main), file=sys.stderr)
             try:
-                loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop, cfg.precision)
+                loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop, cfg.precision, graphed)
             except (TrainingDiverged, Interrupted) as e:
                 if isinstance(e, TrainingDiverged) and workers.is_main:
                     _record_failure(run_dir, cfg, rows, f"{e} in epoch {epoch + 1}")
@@ -419,15 +446,19 @@ def autocast(device: torch.device, precision: str):
 
 
 def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Workers, stop: _StopSignals,
-                precision: str = "fp32"):
+                precision: str = "fp32", graphed: GraphedStep | None = None):
     """One pass over the batches; returns (loss sum, correct, seen) over all workers.
 
     One host synchronisation per batch besides the optimizer's: the loss, checked before the step
-    so that a NaN never reaches the factors (their SVD would fail on it).
+    so that a NaN never reaches the factors (their SVD would fail on it). With `graphed`, the steps are
+    taken from CUDA graphs (dlrt.graphs), with the same check between the graphs.
     """
     loss_sum, seen = 0.0, 0
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)
+    check = _LossCheck(workers)
+    if graphed is not None:
+        graphed.check_loss = check
     for xb, yb in batches:
         def forward_backward(xb=xb, yb=yb):
             optimizer.zero_grad()
@@ -437,19 +468,33 @@ def train_epoch(model, optimizer: DLRTOptimizer, batches: Iterable, workers: Wor
             loss.backward()
             return loss, logits
 
-        loss, logits = forward_backward()
-        loss_value = loss.item()
-        if not math.isfinite(workers.total(loss_value)[0]):  # all workers stop together
-            raise TrainingDiverged(f"loss became {loss_value}")
-        optimizer.step(lambda: forward_backward()[0])  # the closure: a second pass, for method="fixed"
+        if graphed is None:
+            loss, logits = forward_backward()
+            check(loss.detach())
+            optimizer.step(lambda: forward_backward()[0])  # the closure: a second pass, for method="fixed"
+        else:
+            loss, logits = graphed(xb, yb)
         if stop.received:
             raise Interrupted(f"{stop.received} received")
-        loss_sum += loss_value * len(yb)
+        loss_sum += check.value * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
         if hasattr(batches, "set_postfix"):
             batches.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks(), refresh=False)
     return workers.total(loss_sum, correct.item(), seen)
+
+
+class _LossCheck:
+    """Stops a run whose loss is not finite on any worker, before the step changes the factors; keeps the
+    value for the epoch's mean."""
+
+    def __init__(self, workers: Workers):
+        self.workers, self.value = workers, math.nan
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.value = loss.item()
+        if not math.isfinite(self.workers.total(self.value)[0]):  # all workers stop together
+            raise TrainingDiverged(f"loss became {self.value}")
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, rows: list[dict], reason: str) -> None:

@@ -3,6 +3,7 @@
 import copy
 import csv
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,44 @@ def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeyp
     assert [r["rank"] for r in graphed] == ["2"] and "no CUDA here" in graphed[0]["error"]
     assert {r["rank"] for r in rows if r["method"] == "adaptive" and not r["error"]} == {"2", "4"}
     assert "crossover (adaptive_graphed, train)" in (tmp_path / "timing_study.txt").read_text()
+
+
+def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch):
+    """The trainer with cuda_graphs=true, on the CPU stand-in: the same epochs as without, batch for batch
+    (700 samples in batches of 128: five full batches, graphed after the first, and a smaller last one)."""
+    from hydra import compose, initialize_config_dir
+
+    import dlrt.train
+    from dlrt.cli import CONFIG_DIR
+
+    replays = []
+    monkeypatch.setattr(dlrt.train, "graphs_backend", lambda device: ReplayGraphs())
+    monkeypatch.setattr(ReplayGraph, "replay", lambda self, original=ReplayGraph.replay: replays.append(1) or original(self))
+    epochs = {}
+    for graphs in (False, True):
+        overrides = ["data=synthetic", "data.n_train=700", "data.n_val=64", "data.n_test=64", "epochs=2",
+                     "progress=false", "tau=0.3", "optim.momentum=0.9", "model.rank=4", "method.r_min=4",
+                     "method.r_max=4", f"cuda_graphs={str(graphs).lower()}"]  # pinned ranks: graphs replayed
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        dlrt.train.validate(cfg)
+        dlrt.train.train(cfg, tmp_path / str(graphs))
+        epochs[graphs] = pd.read_csv(tmp_path / str(graphs) / "epochs.csv")
+    assert replays  # some steps were replayed
+    columns = ["train_loss", "train_acc", "val_loss", "test_acc", "ranks"]
+    pd.testing.assert_frame_equal(epochs[True][columns], epochs[False][columns])
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_work():
+    from hydra import compose, initialize_config_dir
+
+    import dlrt.train
+    from dlrt.cli import CONFIG_DIR
+
+    for overrides, message in ((["method=fixed"], "method=fixed"), (["precision=bf16"], "precision=fp32")):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["cuda_graphs=true", *overrides])
+        with pytest.raises(dlrt.train.ConfigError, match=message):
+            dlrt.train.validate(cfg)
+    with pytest.raises(dlrt.train.ConfigError, match="needs a CUDA device"):
+        dlrt.train.graphs_backend(torch.device("cpu"))
