@@ -117,6 +117,10 @@ def validate(cfg: DictConfig) -> None:
                           "use adaptive, parallel or vanilla, or cuda_graphs=false")
     if cfg.cuda_graphs and cfg.precision != "fp32":
         raise ConfigError("cuda_graphs=true is for precision=fp32 only (autocast inside a graph is not tested)")
+    if cfg.cuda_graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("cuda_graphs=true runs in one process only for now: drop torchrun or set cuda_graphs=false")
+    if cfg.cuda_graphs:
+        graphs_backend(resolve_device(cfg.device))  # refuses a CPU
     try:  # build the model on the meta device: checks ranks and shapes without any arithmetic
         input_shape, num_classes = input_spec(cfg.data)
         with torch.device("meta"):
@@ -281,13 +285,11 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
     )
 
 
-def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer, device: torch.device,
-                      workers: Workers) -> GraphedStep | None:
-    """The CUDA-graphed training step when cuda_graphs=true and the optimizer's method can be graphed."""
+def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer, device: torch.device) -> GraphedStep | None:
+    """The CUDA-graphed training step when cuda_graphs=true and the optimizer's method can be graphed (a fixed
+    fine-tuning phase runs eagerly)."""
     if not cfg.cuda_graphs or optimizer.method == "fixed":
         return None
-    if workers.world_size > 1:
-        raise ConfigError("cuda_graphs=true runs in one process only for now: drop torchrun or set cuda_graphs=false")
     return GraphedStep(model, optimizer, F.cross_entropy, graphs=graphs_backend(device))
 
 
@@ -367,7 +369,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     elif workers.is_main:
         _atomic(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
-    graphed = make_graphed_step(cfg, model, optimizer, device, workers)
+    graphed = make_graphed_step(cfg, model, optimizer, device)
     plan = f"{cfg.epochs} {method} epochs" + (f" + {finetune_epochs} {cfg.finetune.method} fine-tuning epochs" if finetune_epochs else "")
     if workers.is_main:
         print(f"{cfg.model.name} on {cfg.data.name}: {plan}, ϑ = {cfg.tau}, seed {cfg.seed}, on {device_name(device)}", file=sys.stderr)
@@ -378,7 +380,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if epoch == cfg.epochs and finetune_epochs:
                 optimizer = make_optimizer(cfg, model, cfg.finetune.method)
                 scheduler = make_scheduler(cfg, optimizer)
-                graphed = make_graphed_step(cfg, model, optimizer, device, workers)
+                graphed = make_graphed_step(cfg, model, optimizer, device)
             epoch_start = time.time()
             bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch,
                        desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,

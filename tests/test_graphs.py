@@ -263,10 +263,9 @@ def test_cuda_graphs_are_refused_where_they_cannot_work():
     import dlrt.train
     from dlrt.cli import CONFIG_DIR
 
-    for overrides, message in ((["method=fixed"], "method=fixed"), (["precision=bf16"], "precision=fp32")):
+    for overrides, message in ((["method=fixed"], "method=fixed"), (["precision=bf16"], "precision=fp32"),
+                               (["device=cpu"], "needs a CUDA device")):
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("config", overrides=["cuda_graphs=true", *overrides])
         with pytest.raises(dlrt.train.ConfigError, match=message):
             dlrt.train.validate(cfg)
-    with pytest.raises(dlrt.train.ConfigError, match="needs a CUDA device"):
-        dlrt.train.graphs_backend(torch.device("cpu"))
