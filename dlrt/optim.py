@@ -19,6 +19,9 @@ S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same 
 The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's groups follow it in
 `param_groups`, so torch's LR schedulers drive both.
 
+A step is `prepare_step` (everything up to the truncation decisions, which stay on the device), one host
+sync for the new ranks, and `finish_step`; dlrt.graphs replays the two halves from CUDA graphs.
+
 Data parallel: when torch.distributed is initialised, `step` averages all gradients (and the adaptive
 step's Ũ^T G Ṽ blocks) over the workers and takes rank 0's buffers, so do not wrap the model in
 DistributedDataParallel (a rank change replaces parameters, which DDP cannot follow).
