@@ -56,7 +56,7 @@ def eager_step(model, opt, x, y) -> float:
 
 def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: int | None):
     """Eager or graphed steps over the batches; the learning rate halves at one step (a new graph key), and
-    the ranks may be allowed to grow by one at another (a rank change after a graphed first half)."""
+    the ranks may be allowed to grow by one at another (a new key too: the ranks change in its eager step)."""
     step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs()) if graphed else None
     losses, ranks = [], []
     for n, (x, y) in enumerate(batches):
