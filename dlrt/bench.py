@@ -84,6 +84,14 @@ SUITES = ("steps", "timing_study", "breakdown", "linalg")
 STEP_METHODS = ("dense", "dense_fused", "adaptive", "adaptive_pinned", "parallel", "fixed", "vanilla")
 CUDA_STEP_METHODS = STEP_METHODS + ("adaptive_graphed",)
 TIMING_METHODS = ("fixed", "adaptive")
+PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
+# On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
+# layer) and building the model minutes: the CPU default stops at 640, past the crossover.
+CPU_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640)
+QUICK_TIMING_RANKS = (4, 8)
+# ranks whose 2r x 2r cores the linalg suite also factorises: where the timing study's adaptive step is slow
+# on a GPU (a CPU takes the first two: 640 would add minutes)
+CORE_RANKS = (80, 160, 640)
 
 
 def step_methods(device: torch.device, graphs: str = "with") -> tuple[str, ...]:
@@ -97,14 +105,6 @@ def timing_methods(device: torch.device, graphs: str = "with") -> list[str]:
     if device.type != "cuda" or graphs == "without":
         return list(TIMING_METHODS)
     return ["adaptive_graphed"] if graphs == "only" else [*TIMING_METHODS, "adaptive_graphed"]
-PAPER_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560)
-# On a 2-core CPU one adaptive step at r=1280 takes ~10 s (QR of 5120x2560, SVD of 2560x2560 per
-# layer) and building the model minutes: the CPU default stops at 640, past the crossover.
-CPU_TIMING_RANKS = (5, 10, 20, 40, 80, 160, 320, 640)
-QUICK_TIMING_RANKS = (4, 8)
-# ranks whose 2r x 2r cores the linalg suite also factorises: where the timing study's adaptive step is slow
-# on a GPU (a CPU takes the first two: 640 would add minutes)
-CORE_RANKS = (80, 160, 640)
 
 
 @dataclass
