@@ -25,6 +25,7 @@ check on a CPU that graphed steps equal eager ones and that a graph holds nothin
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
@@ -41,17 +42,23 @@ class GraphedStep:
     loss and output are tensors that the next call overwrites (`.item()` them, or clone them). Inputs must
     keep their shape and dtype for graphs to be reused; a new shape is a new key. `check_loss(loss)`, if
     given, is called before the factors change (a host sync): raise in it to stop a diverging run.
+
+    When a capture fails (an operation that cannot be captured), `on_failure="raise"` raises, and "eager"
+    warns once and takes this and every later step eagerly, from the state as it was before the capture.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: DLRTOptimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], graphs=None,
-                 check_loss: Callable[[torch.Tensor], None] | None = None):
+                 check_loss: Callable[[torch.Tensor], None] | None = None, on_failure: str = "raise"):
         if optimizer.method == "fixed":
             raise ValueError("method='fixed' takes a second forward/backward inside its step; graph 'adaptive', "
                              "'parallel', 's_only' or 'vanilla'")
+        if on_failure not in ("raise", "eager"):
+            raise ValueError(f"on_failure={on_failure!r}: choose 'raise' or 'eager'")
         self.model, self.opt, self.loss_fn = model, optimizer, loss_fn
-        self.check_loss = check_loss
+        self.check_loss, self.on_failure = check_loss, on_failure
         self.graphs = graphs if graphs is not None else CudaGraphs()
+        self.gave_up = False  # a capture failed with on_failure="eager": every step is eager from then on
         self._graphed_key = None  # the key the two graphs were captured for
         self._warmed_key = None  # the key an eager step ended at without changing ranks: ready to capture
         self._first = self._second = self._plan = self._loss = self._output = None
@@ -60,6 +67,8 @@ class GraphedStep:
         return self.opt.step_settings(), x.shape, x.dtype, y.shape, y.dtype
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gave_up:
+            return self._eager_step(x, y)
         key = self._key(x, y)
         if key == self._graphed_key:
             self._x.copy_(x)
@@ -68,7 +77,12 @@ class GraphedStep:
             return self._finish()
         if key == self._warmed_key:
             self._check_shortcuts()
-            self._capture_first(x, y, key)
+            try:
+                self._capture_first(x, y, key)
+            except RuntimeError as error:
+                _put(self.opt, self._states)  # the Python side of the capture is undone: eager from the start
+                self._give_up(error)
+                return self._eager_step(x, y)
             return self._finish()
         # A new key: one eager step first. It gives the states and gradients new tensors, which graphs captured
         # before would not see: they are dropped.
@@ -130,12 +144,27 @@ class GraphedStep:
             self._second.replay()
             return self._loss, self._output
         self._second = self.graphs.new_graph(shared_with=self._first)
-        with self._second.capture():
+        try:
+            with self._second.capture():
+                self.opt.finish_step(plan, new_ranks)
+                _copy_back(self.opt, self._states)
+        except RuntimeError as error:
+            _put(self.opt, self._states_between)  # graph 1 has run: its second half, eagerly
+            result = self._loss.clone(), self._output.clone()
+            self._give_up(error)
             self.opt.finish_step(plan, new_ranks)
-            _copy_back(self.opt, self._states)
+            return result
         if not self.graphs.runs_during_capture:
             self._second.replay()
         return self._loss, self._output
+
+    def _give_up(self, error: RuntimeError) -> None:
+        self._drop()
+        if self.on_failure == "raise":
+            raise error
+        self.gave_up = True
+        warnings.warn(f"CUDA graphs are off from here on, every step runs eagerly: capturing a step failed "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
 
     def _drop(self) -> None:
         self._graphed_key = self._warmed_key = None

@@ -290,7 +290,8 @@ def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer, device: 
     fine-tuning phase runs eagerly)."""
     if not cfg.cuda_graphs or optimizer.method == "fixed":
         return None
-    return GraphedStep(model, optimizer, F.cross_entropy, graphs=graphs_backend(device))
+    # a capture that fails (an operation this torch cannot capture) must not end the run: eager from there on
+    return GraphedStep(model, optimizer, F.cross_entropy, graphs=graphs_backend(device), on_failure="eager")
 
 
 def graphs_backend(device: torch.device) -> CudaGraphs:

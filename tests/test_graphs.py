@@ -178,6 +178,38 @@ def test_graphs_are_replayed_at_unchanged_ranks_and_dropped_when_they_change():
     assert step._first is not first
 
 
+def test_a_capture_that_fails_raises_or_falls_back_to_eager_steps():
+    """A loss that reads a value on the host cannot be captured: 'raise' says so at the capture (the second
+    step), 'eager' warns and trains on exactly as eager steps do."""
+    def loss_fn(output, y):
+        return F.cross_entropy(output, y) + 0.0 * float(output.abs().max() > 1e9)
+
+    model = seeded(small_mlp)
+    batches = [batch_for(model, seed=s) for s in range(5)]
+
+    def fresh():
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, lr=0.05, tau=0.2, momentum=0.9)
+        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        return copy_, opt
+
+    eager_model, eager_opt = fresh()
+    expected = [eager_step(eager_model, eager_opt, x, y) for x, y in batches]
+
+    raising = GraphedStep(*fresh(), loss_fn, graphs=ReplayGraphs(), on_failure="raise")
+    raising(*batches[0])  # the eager warm-up
+    with pytest.raises(RuntimeError, match="reads a device value on the host"):
+        raising(*batches[1])
+
+    falling_back = GraphedStep(*fresh(), loss_fn, graphs=ReplayGraphs(), on_failure="eager")
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are off"):
+        losses = [falling_back(x, y)[0].item() for x, y in batches]
+    assert falling_back.gave_up
+    torch.testing.assert_close(losses, expected)
+    for p, q in zip(falling_back.model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_fixed_rank_steps_cannot_be_graphed():
     model = seeded(small_mlp)
     with pytest.raises(ValueError, match="fixed"):
