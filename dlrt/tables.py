@@ -21,7 +21,7 @@ import shlex
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -145,6 +145,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _config_of(run_dir: Path) -> dict:
+    """A run folder's resolved config, flattened; {} before the run has written it."""
+    path = run_dir / "config.yaml"
+    return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True)) if path.exists() else {}
+
+
 def load_experiment(runs_dir: Path, name: str) -> Experiment:
     folder = runs_dir / name
     experiment = Experiment(folder, [], [], [])
@@ -153,7 +159,7 @@ def load_experiment(runs_dir: Path, name: str) -> Experiment:
             experiment.unfinished.append(run_dir.name)
             continue
         summary = json.loads((run_dir / "summary.json").read_text())
-        config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
+        config = _config_of(run_dir)
         if summary.get("status") == "completed":
             experiment.completed.append(Run(run_dir.name, config, summary, pd.read_csv(run_dir / "epochs.csv")))
         else:
@@ -411,8 +417,11 @@ def fc_tables(experiment: Experiment) -> list[Table]:
                  "The paper's FC table gives accuracies and ranks only. Its parameter counts here are computed from "
                  "its ranks the way its FC tables count: Σ (n+m) r over the four low-rank layers (784→w, w→w, w→w, "
                  "w→w) plus the dense output layer w→10; that is our honest count without the r entries of diag S."]
-        tables.append(Table(f"fc{width}_mnist", frame, render(title, experiment, FC_PROTOCOL, frame, sections, notes,
-                                                                      completed + failed)))
+        running = [name for name in experiment.unfinished
+                   if _config_of(experiment.folder / name).get("model.width") == width]
+        view = replace(experiment, unfinished=running)  # this width's runs only
+        tables.append(Table(f"fc{width}_mnist", frame, render(title, view, FC_PROTOCOL, frame, sections, notes,
+                                                              completed + failed)))
     return tables
 
 

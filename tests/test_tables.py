@@ -102,6 +102,8 @@ def fc_runs(root):
               shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
     write_run(root, "fc_mnist", "fc-mnist-dense-tau0-seed0_epochs=2,model.width=500", config("fc", "dense", 0, 0, 2, width=500),
               [(0.3, 97.0, None), (0.2, 98.3, None)], shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
+    write_run(root, "fc_mnist", "fc-mnist-adaptive-tau0.05-seed0_model.width=784",  # still running, another width
+              config("fc", "adaptive", 0.05, 0, 250, width=784), [(0.3, 97.0, [60, 70, 70, 60])], status=None)
 
 
 def dlrt_vs_uv_runs(root):
@@ -217,6 +219,7 @@ def test_fc_table_per_width_with_the_papers_numbers(made):
     assert dense["paper_eval_params"] == dense["eval_params_honest"] == 784 * 500 + 3 * 500 * 500 + 5000
     md = (made / "tables" / "fc500_mnist.md").read_text()
     assert "finetune.epochs = 1 in 1 run(s) (paper: 100)" in md
+    assert "still running" not in md  # the unfinished run is of width 784
     assert "| 0.09 | 97.50 (1 run) | 98.00 (1 run) | 98.34 | [30,40,40,35] | [40,50,50,45] | [35,53,51,46] |" in md
 
 
