@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 
+import dlrt.train
 from dlrt import DLRTOptimizer
 from dlrt import optim as dlrt_optim
+from dlrt.cli import CONFIG_DIR
 from dlrt.graphs import GraphedStep, ReplayGraph, ReplayGraphs
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
@@ -263,14 +266,14 @@ def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeyp
     assert "crossover (adaptive_graphed, train)" in (tmp_path / "timing_study.txt").read_text()
 
 
+def compose_config(*overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch):
     """The trainer with cuda_graphs=true, on the CPU stand-in: the same epochs as without, batch for batch
     (700 samples in batches of 128: five full batches, graphed after the first, and a smaller last one)."""
-    from hydra import compose, initialize_config_dir
-
-    import dlrt.train
-    from dlrt.cli import CONFIG_DIR
-
     replays = []
     monkeypatch.setattr(dlrt.train, "graphs_backend", lambda device: ReplayGraphs())
     monkeypatch.setattr(ReplayGraph, "replay", lambda self, original=ReplayGraph.replay: replays.append(1) or original(self))
@@ -279,8 +282,7 @@ def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch):
         overrides = ["data=synthetic", "data.n_train=700", "data.n_val=64", "data.n_test=64", "epochs=2",
                      "progress=false", "tau=0.3", "optim.momentum=0.9", "model.rank=4", "method.r_min=4",
                      "method.r_max=4", f"cuda_graphs={str(graphs).lower()}"]  # pinned ranks: graphs replayed
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        cfg = compose_config(*overrides)
         dlrt.train.validate(cfg)
         dlrt.train.train(cfg, tmp_path / str(graphs))
         epochs[graphs] = pd.read_csv(tmp_path / str(graphs) / "epochs.csv")
@@ -290,14 +292,8 @@ def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch):
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_work():
-    from hydra import compose, initialize_config_dir
-
-    import dlrt.train
-    from dlrt.cli import CONFIG_DIR
-
     for overrides, message in ((["method=fixed"], "method=fixed"), (["precision=bf16"], "precision=fp32"),
                                (["device=cpu"], "needs a CUDA device")):
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=["cuda_graphs=true", *overrides])
+        cfg = compose_config("cuda_graphs=true", *overrides)
         with pytest.raises(dlrt.train.ConfigError, match=message):
             dlrt.train.validate(cfg)
