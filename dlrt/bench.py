@@ -307,8 +307,6 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
     model = copy.deepcopy(base) if base is not None else build(case, device, low_rank=True)
     dlrt_method = "adaptive" if method in ("adaptive_pinned", "adaptive_graphed") else method
     options = {} if r_min is None else {"r_min": r_min, "r_max": r_max}
-    if method == "adaptive_graphed" and case.optimizer == "adam":  # torch's Adam refuses capture otherwise
-        options["dense_optimizer"] = lambda params: torch.optim.Adam(params, lr=case.lr, fused=True, capturable=True)
     opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer, **options)
     if method in ("adaptive_pinned", "adaptive_graphed"):
         pin_ranks(opt)
@@ -811,6 +809,7 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
         if device.type == "cuda":  # small factorisations may be cheaper on the host, copies included
             variants["svd: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.svd(S.cpu())] for S in Ss]
+            variants["svd: on the host, one copy each way, 1 thread, gram_svd"] = lambda: _host_svds(Ss, ig.gram_svd)
             variants["qr: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.qr(A.cpu())] for A in As]
         fields = {"case": case.name, "qr_shapes": " ".join(f"{n}x{2 * r}" for n, r, _ in factors),
@@ -825,6 +824,21 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
     return rows
 
 
+def _host_svds(Ss: list[torch.Tensor], svd) -> torch.Tensor:
+    """Every core to the host in one copy (one sync), their SVDs there on one thread, and the factors back
+    to the device in one copy: what a GPU step would pay to take its small SVDs on the CPU."""
+    sizes = [S.shape[0] for S in Ss]
+    flat = torch.cat([S.reshape(-1) for S in Ss]).cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK on matrices this small only loses time to more threads
+    try:
+        svds = [svd(core.view(k, k)) for core, k in zip(flat.split([k * k for k in sizes]), sizes)]
+    finally:
+        torch.set_num_threads(threads)
+    back = torch.cat([t.reshape(-1) for factors in svds for t in factors])
+    return back.pin_memory().to(Ss[0].device, non_blocking=True) if Ss[0].is_cuda else back
+
+
 def _svd_variants(Ss: list[torch.Tensor], device, here: dict) -> dict:
     """Ways to get the SVD of each core: what this device runs now, and the candidates."""
     on_cpu = device.type == "cpu"
@@ -833,9 +847,13 @@ def _svd_variants(Ss: list[torch.Tensor], device, here: dict) -> dict:
         f"svd: loop gram_svd (float64 eigh of S S^T){here[on_cpu]}": lambda: [ig.gram_svd(S) for S in Ss],
         "svd: loop eigh(S S^T)": lambda: [torch.linalg.eigh(S @ S.mT) for S in Ss],
     }
-    if device.type == "cuda":  # cuSOLVER's Jacobi SVD; torch's default CUDA driver is gesvd
+    if device.type == "cuda":  # cuSOLVER's drivers by name; torch's default checks gesvdj's convergence on the host
         variants["svd: loop torch.linalg.svd(driver='gesvdj')"] = lambda: [
             torch.linalg.svd(S, driver="gesvdj") for S in Ss]
+        variants["svd: loop torch.linalg.svd(driver='gesvd')"] = lambda: [
+            torch.linalg.svd(S, driver="gesvd") for S in Ss]
+        if max(S.shape[0] for S in Ss) <= 512:  # one thread would take seconds on the larger cores
+            variants["svd: on the host, one copy each way, 1 thread"] = lambda: _host_svds(Ss, ig.svd)
     return variants
 
 

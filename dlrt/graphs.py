@@ -1,13 +1,16 @@
-"""A DLRT training step replayed from CUDA graphs: two graphs per set of ranks, around the one host sync.
+"""A DLRT training step replayed from CUDA graphs: two graphs per set of ranks, around the rank decision.
 
 On a GPU a DLRT step is bound by the host, not by arithmetic (results/bench/gpu/README.md): hundreds of small
 operations, each launched from Python. A CUDA graph records the kernels of a piece of work once and launches
 them all again with one call. A whole DLRT step cannot be one graph, because the number of columns each
-factor keeps is decided on the host from the singular values. So a step is
+factor keeps is decided on the host from the singular values, and because torch's CUDA SVD checks its
+result on the host, which no graph can hold (scripts/probe_graph_capture.py; its QR can be captured). So a
+step is
 
-    graph 1: zero the gradients in place, forward, loss, backward, DLRTOptimizer.prepare_step
-             (new directions, augmented cores, their SVDs, the new ranks as a device tensor)
-    host:    read the new ranks
+    graph 1: zero the gradients in place, forward, loss, backward, DLRTOptimizer.prepare_cores
+             (new directions, augmented cores)
+    eager:   DLRTOptimizer.decide_ranks (the cores' SVDs, written into the tensors graph 2 reads, and the new
+             ranks as a device tensor), and the host reads the new ranks
     graph 2: at unchanged ranks, DLRTOptimizer.finish_step (factors copied into the same Parameters, the
              dense parameters stepped), and the optimizer states copied back into the tensors graph 1 reads
 
@@ -62,6 +65,8 @@ class GraphedStep:
         self._graphed_key = None  # the key the two graphs were captured for
         self._warmed_key = None  # the key an eager step ended at without changing ranks: ready to capture
         self._first = self._second = self._plan = self._loss = self._output = None
+        self._svds = None  # the SVD results graph 2 was captured reading; later SVDs are copied into them
+        self.counts = {"replayed": 0, "captured": 0, "eager": 0}  # steps by how graph 1's half was taken
 
     def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         return self.opt.step_settings(), x.shape, x.dtype, y.shape, y.dtype
@@ -74,6 +79,7 @@ class GraphedStep:
             self._x.copy_(x)
             self._y.copy_(y)
             self._first.replay()
+            self.counts["replayed"] += 1
             return self._finish()
         if key == self._warmed_key:
             self._check_shortcuts()
@@ -83,6 +89,7 @@ class GraphedStep:
                 _put(self.opt, self._states)  # the Python side of the capture is undone: eager from the start
                 self._give_up(error)
                 return self._eager_step(x, y)
+            self.counts["captured"] += 1
             return self._finish()
         # A new key: one eager step first. It gives the states and gradients new tensors, which graphs captured
         # before would not see: they are dropped.
@@ -92,6 +99,7 @@ class GraphedStep:
         return result
 
     def _eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        self.counts["eager"] += 1
         self.opt.zero_grad()
         with torch.enable_grad():
             output = self.model(x)
@@ -120,7 +128,7 @@ class GraphedStep:
             output = self.model(self._x)
             loss = self.loss_fn(output, self._y)
             loss.backward()
-            self._plan = self.opt.prepare_step()
+            self._plan = self.opt.prepare_cores()
         self._states_between = _state_tensors(self.opt)  # as graph 1 leaves them (the S states lifted to 2r)
         self._loss, self._output = loss.detach(), output.detach()
         if not self.graphs.runs_during_capture:
@@ -132,6 +140,12 @@ class GraphedStep:
         if self.check_loss is not None:
             self.check_loss(self._loss)
         plan = self._plan
+        self.opt.decide_ranks(plan)
+        if self._svds is not None:  # graph 2 reads the SVDs from where they were at its capture
+            for i, factors in plan.svds.items():
+                for static, fresh in zip(self._svds[i], factors):
+                    static.copy_(fresh)
+            plan.svds = self._svds
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         old_ranks = [self.opt.layers[i].rank for i in plan.active]
         if new_ranks is not None and new_ranks != old_ranks:
@@ -144,6 +158,7 @@ class GraphedStep:
             self._second.replay()
             return self._loss, self._output
         self._second = self.graphs.new_graph(shared_with=self._first)
+        self._svds = plan.svds
         try:
             with self._second.capture():
                 self.opt.finish_step(plan, new_ranks)
@@ -168,7 +183,7 @@ class GraphedStep:
 
     def _drop(self) -> None:
         self._graphed_key = self._warmed_key = None
-        self._first = self._second = self._plan = None
+        self._first = self._second = self._plan = self._svds = None
 
 
 def _state_tensors(opt: DLRTOptimizer) -> dict:
@@ -267,14 +282,17 @@ def _tensors(value) -> list[torch.Tensor]:
 class _Recorder(TorchDispatchMode):
     """Records every aten call; refuses those a CUDA graph cannot hold: reading a device value on the host
     (item, bool of a tensor), making a tensor from Python data (torch.tensor(list, device=...), a copy from
-    pageable host memory on a GPU), and results whose size depends on the data (nonzero, masked_select,
-    indexing with a boolean mask: on a GPU the size is read on the host)."""
+    pageable host memory on a GPU), results whose size depends on the data (nonzero, masked_select,
+    indexing with a boolean mask: on a GPU the size is read on the host), and the SVD and eigh, whose CUDA
+    versions check their results on the host (found on an H100 by scripts/probe_graph_capture.py)."""
 
     aten = torch.ops.aten
     REFUSED = {aten._local_scalar_dense.default: "reads a device value on the host",
                aten.lift_fresh.default: "makes a tensor from Python data (a host-to-device copy on a GPU)",
                aten.nonzero.default: "has a size that depends on the data",
-               aten.masked_select.default: "has a size that depends on the data"}
+               aten.masked_select.default: "has a size that depends on the data",
+               aten._linalg_svd.default: "checks its result on the host on a GPU",
+               aten._linalg_eigh.default: "checks its result on the host on a GPU"}
 
     def __init__(self, calls: list):
         super().__init__()

@@ -20,7 +20,9 @@ The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's gro
 `param_groups`, so torch's LR schedulers drive both.
 
 A step is `prepare_step` (everything up to the truncation decisions, which stay on the device), one host
-sync for the new ranks, and `finish_step`; dlrt.graphs replays the two halves from CUDA graphs.
+sync for the new ranks, and `finish_step`. prepare_step is `prepare_cores` (the augmented cores) and
+`decide_ranks` (their SVDs and the new ranks): dlrt.graphs replays prepare_cores and finish_step from CUDA
+graphs and runs decide_ranks eagerly, because torch's CUDA SVD checks its result on the host.
 
 Data parallel: when torch.distributed is initialised, `step` averages all gradients (and the adaptive
 step's Ũ^T G Ṽ blocks) over the workers and takes rank 0's buffers, so do not wrap the model in
@@ -112,8 +114,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
         # Fused kernels step all the small tensors (biases, a classifier) in one call: on a CPU that is
         # 0.06 against 0.15 ms (foreach) for the FC net's. Torch has them for floating tensors on a CPU or GPU.
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        if rule == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=fused)
+        if rule == "adam":  # capturable: its step counts stay on the GPU, so a CUDA graph can hold the step
+            capturable = fused and all(p.is_cuda for p in params)
+            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=fused, capturable=capturable)
         return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=fused)
 
     @torch.no_grad()
@@ -191,17 +194,36 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def prepare_step(self) -> StepPlan:
         """The first half of a step: everything up to the truncation decisions, which stay on the device.
 
-        `step` is prepare_step, one host sync (`plan.new_ranks.tolist()`), finish_step. They are public for
-        graphed steps (dlrt.graphs), which replay each half and read the ranks in between. Not for 'fixed'.
+        `step` is prepare_step, one host sync (`plan.new_ranks.tolist()`), finish_step. prepare_step is
+        prepare_cores then decide_ranks. They are public for graphed steps (dlrt.graphs). Not for 'fixed'.
         """
+        plan = self.prepare_cores()
+        self.decide_ranks(plan)
+        return plan
+
+    @torch.no_grad()
+    def prepare_cores(self) -> StepPlan:
+        """Phases 1-2 of the rank-adaptive step for all active layers: the new directions, and the S-step at
+        the augmented bases (the cores). Nothing in it reads a device value on the host."""
         if self.method == "fixed":
             raise RuntimeError("method='fixed' takes a second pass inside step(closure): it has no prepare_step")
         self._refresh_factor_params()
         self._synchronise_workers()
         plan = StepPlan(active=[i for i, layer in enumerate(self.layers) if layer.U.grad is not None])
         if self.method in ("adaptive", "parallel") and plan.active:
-            self._plan_truncation(plan)
+            self._plan_cores(plan)
         return plan
+
+    @torch.no_grad()
+    def decide_ranks(self, plan: StepPlan) -> None:
+        """Phase 3: the SVD of each core and all truncation decisions as one device tensor (plan.svds,
+        plan.new_ranks). A no-op for the methods that keep ranks."""
+        if not plan.cores:
+            return
+        plan.svds = {i: ig.gram_svd(S1) if plan.via_gram else ig.svd(S1) for i, S1 in plan.cores.items()}
+        plan.new_ranks = ig.truncation_rank_tensor(
+            [plan.svds[i][1] for i in plan.active], self.tau, not self.absolute_tau,
+            *self._rank_bounds(plan.active, plan.cores[plan.active[0]].device))
 
     @torch.no_grad()
     def finish_step(self, plan: StepPlan, new_ranks: list[int] | None) -> None:
@@ -243,9 +265,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _s_directions(self, active: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.rule.directions([self.layer_states[i]["S"] for i in active], grads)
 
-    def _plan_truncation(self, plan: StepPlan) -> None:
-        """Phases 1-3 of the rank-adaptive step, for all active layers: new directions, the S-step at the
-        augmented bases and its SVD, and the truncation decisions as one device tensor."""
+    def _plan_cores(self, plan: StepPlan) -> None:
         active = plan.active
         factor = self.layers[active[0]].U
         on_cpu = takes_host_checked_shortcuts(factor)
@@ -257,11 +277,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
             plan.new_bases[i] = (ig.new_directions(layer.U.detach(), dK, count, projected=on_cpu),
                                  ig.new_directions(layer.V.detach(), dL, count, projected=on_cpu))
-        plan.cores = self._augmented_cores(active, steps, plan.new_bases)  # phase 2: the S-step and its SVD
-        plan.svds = {i: ig.gram_svd(S1) if plan.via_gram else ig.svd(S1) for i, S1 in plan.cores.items()}
-        plan.new_ranks = ig.truncation_rank_tensor(  # phase 3: all truncation decisions, on the device
-            [plan.svds[i][1] for i in active], self.tau, not self.absolute_tau, *self._rank_bounds(active, factor.device),
-        )
+        plan.cores = self._augmented_cores(active, steps, plan.new_bases)  # phase 2: the S-step
 
     def _truncate(self, plan: StepPlan, new_ranks: list[int]) -> None:
         """Phase 4: new factors and state in the new bases."""

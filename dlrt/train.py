@@ -424,7 +424,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             print(f"epoch {epoch + 1:3d}/{total_epochs} [{phase}] train loss {row['train_loss']:.4f} "
                   f"val loss {val.loss:.4f} val acc {val.accuracy:.2f} test acc {test.accuracy:.2f} "
                   f"ranks [{row['ranks']}] c.r. eval {row['cr_eval_honest']:.1f}% (paper conv. {row['cr_eval_paper']:.1f}%) "
-                  f"{train_time:.1f}s", file=sys.stderr)
+                  f"{train_time:.1f}s" + (_graph_counts(graphed) if graphed is not None else ""), file=sys.stderr)
 
     summary = {
         "status": "completed",
@@ -441,6 +441,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if workers.is_main:
         write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _graph_counts(graphed: GraphedStep) -> str:
+    c = graphed.counts
+    return f" (CUDA graphs so far: {c['replayed']} steps replayed, {c['captured']} captured, {c['eager']} eager)"
 
 
 def autocast(device: torch.device, precision: str):

@@ -1,11 +1,14 @@
 """The scripts: parallel_runs.sh runs a file of commands a few at a time, with an optional deadline;
-count_ops.py counts the operations of a training step; profile_step.py profiles one."""
+count_ops.py counts the operations of a training step; profile_step.py profiles one;
+probe_graph_capture.py finds what a CUDA graph can hold."""
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "parallel_runs.sh"
@@ -80,3 +83,16 @@ def test_profile_step_times_then_profiles_a_small_timing_study():
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"timing_study fixed, ranks \[4, 4, 4, 4\], batch 8, 1 thread\(s\): median step [0-9.]+ ms", result.stdout)
     assert "aten::linalg_qr" in result.stdout  # the fixed-rank basis update was profiled
+
+
+def test_probe_graph_capture_checks_each_call_and_fails_on_a_wrong_result(tmp_path, monkeypatch):
+    """On a CPU the probe only runs the calls and checks their results; a wrong result is a failure."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import probe_graph_capture as probe
+
+    assert probe.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "capture.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(probe.PROBES) and all(line.split(",")[3] == "True" for line in lines[1:])
+    make, _, right = probe.PROBES["linalg.qr 500x56"]
+    monkeypatch.setitem(probe.PROBES, "linalg.qr 500x56", (make, lambda A: torch.linalg.qr(A + 1), right))
+    assert probe.main(["--device", "cpu"]) == 1
