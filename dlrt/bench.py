@@ -77,7 +77,7 @@ from . import integrators as ig
 from . import layers as lr_layers
 from .graphs import GraphedStep
 from .models import build_model
-from .optim import DLRTOptimizer
+from .optim import SVD_PLACES, DLRTOptimizer
 from .provenance import CODE_VERSION
 
 SUITES = ("steps", "timing_study", "breakdown", "linalg")
@@ -298,7 +298,7 @@ def build(case: Case, device: torch.device, low_rank: bool, seed: int = 0) -> nn
 
 
 def make_runner(method: str, case: Case, device: torch.device, base: nn.Module | None = None,
-                r_min: int | None = None, r_max: int | None = None) -> Runner:
+                r_min: int | None = None, r_max: int | None = None, svd_on: str = "device") -> Runner:
     """A fresh model and optimizer for `method`; low-rank models are copies of `base` when given."""
     if method in ("dense", "dense_fused"):
         model = build(case, device, low_rank=False)
@@ -307,7 +307,8 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
     model = copy.deepcopy(base) if base is not None else build(case, device, low_rank=True)
     dlrt_method = "adaptive" if method in ("adaptive_pinned", "adaptive_graphed") else method
     options = {} if r_min is None else {"r_min": r_min, "r_max": r_max}
-    opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer, **options)
+    opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer,
+                        svd_on=svd_on, **options)
     if method in ("adaptive_pinned", "adaptive_graphed"):
         pin_ranks(opt)
     if method == "adaptive_graphed":
@@ -468,7 +469,7 @@ def suite_steps(args, device, meta: Meta) -> list[dict]:
         for case in cases:
             waited = wait_for_idle(args.wait_idle)
             base = build(case, device, low_rank=True)
-            runners = [make_runner(m, case, device, base) for m in methods]
+            runners = [make_runner(m, case, device, base, svd_on=args.svd_on) for m in methods]
             ranks_start = {r.name: r.ranks() for r in runners}
             batches = synthetic_batches(case, device, args.batches)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -536,7 +537,7 @@ def suite_timing_study(args, device, meta: Meta) -> list[dict]:
             bar.set_postfix_str(f"rank {rank}: building")
             base = build(case, device, low_rank=True)
             bar.set_postfix_str(f"rank {rank}")
-            runners = [make_runner(m, case, device, base, r_min=rank, r_max=rank) for m in methods]
+            runners = [make_runner(m, case, device, base, r_min=rank, r_max=rank, svd_on=args.svd_on) for m in methods]
             infer = Runner("low_rank", base, None, None)  # the untrained model: inference needs no optimizer
             del base
             time_runners(runners, batches, device, phase="train", steps=args.ts_steps, progress=bar, **timed)
@@ -648,7 +649,7 @@ STEP_PARTS = ("qr", "svd", "truncation+sync", "project_gradient", "set_factors",
 
 
 def breakdown_rows(case: Case, method: str, device, args, meta: Meta) -> list[dict]:
-    runner = make_runner(method, case, device)
+    runner = make_runner(method, case, device, svd_on=args.svd_on)
     model, opt = runner.model, runner.opt
     batches = synthetic_batches(case, device, args.batches)
     sync = _sync(device)
@@ -995,6 +996,8 @@ def parse_args(argv):
                    help="CUDA only: time adaptive_graphed (CUDA graphs) beside the other methods, not at all, or "
                         "alone with dense (a capture that fails can leave the GPU unusable for the rest of the "
                         "process: gpu_checks.sh measures the graphed steps in a process of their own)")
+    p.add_argument("--svd-on", choices=SVD_PLACES, default="device",
+                   help="where the rank-adaptive steps take the SVDs of their cores (DLRTOptimizer's svd_on)")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each case wait up to this many seconds for other processes to leave the CPU")
     args = p.parse_args(argv)

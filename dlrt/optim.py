@@ -14,6 +14,10 @@ Methods (`METHODS`):
 - ``vanilla``: plain factorised training W = U V^T by simultaneous gradient steps on U and V (the
   naive baseline of the paper); the singular values are absorbed into U and V at construction.
 
+`svd_on`: where the SVDs of the augmented cores are taken, "device" (with the factors) or "host" (LAPACK on
+one CPU thread, the cores copied over and back in one copy each). On a GPU, torch's SVD synchronises twice per
+call; for small cores the host can be quicker (dlrt-bench --svd-on compares them).
+
 Parameters that are not low-rank (biases, dense layers, norms) are stepped once per batch, with the
 S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same rule with the same lr.
 The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's groups follow it in
@@ -43,6 +47,7 @@ from .layers import low_rank_layers
 from .update_rules import STATE_POLICIES, change_basis, lift_state, make_rule
 
 METHODS = ("adaptive", "parallel", "fixed", "s_only", "vanilla")
+SVD_PLACES = ("device", "host")
 
 
 class DLRTOptimizer(torch.optim.Optimizer):
@@ -61,6 +66,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         r_max: int | None = None,
         state_policy: str = "project",
         dense_optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
+        svd_on: str = "device",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -72,6 +78,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"an absolute tau must be >= 0, got {tau}")
         if not absolute_tau and not 0 <= tau < 1:
             raise ValueError(f"tau (relative truncation tolerance) must be in [0, 1), got {tau}")
+        if svd_on not in SVD_PLACES:
+            raise ValueError(f"unknown svd_on {svd_on!r}: choose one of {', '.join(SVD_PLACES)}")
         if r_min < 1 or (r_max is not None and r_max < r_min):
             raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
 
@@ -81,6 +89,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.method, self.tau, self.absolute_tau = method, tau, absolute_tau
         self.state_policy = state_policy
+        self.svd_on = svd_on
         self.rule = make_rule(optimizer, momentum, betas, eps)
         self._r_min = [min(r_min, layer.max_rank) for layer in self.layers]
         self._r_max = [layer.max_rank // 2 if r_max is None else min(r_max, layer.max_rank) for layer in self.layers]
@@ -220,10 +229,31 @@ class DLRTOptimizer(torch.optim.Optimizer):
         plan.new_ranks). A no-op for the methods that keep ranks."""
         if not plan.cores:
             return
+        if self.svd_on == "host":
+            self._decide_ranks_on_host(plan)
+            return
         plan.svds = {i: ig.gram_svd(S1) if plan.via_gram else ig.svd(S1) for i, S1 in plan.cores.items()}
         plan.new_ranks = ig.truncation_rank_tensor(
             [plan.svds[i][1] for i in plan.active], self.tau, not self.absolute_tau,
             *self._rank_bounds(plan.active, plan.cores[plan.active[0]].device))
+
+    def _decide_ranks_on_host(self, plan: StepPlan) -> None:
+        """decide_ranks with the SVDs and the truncation on the host (svd_on='host'): every core comes over in
+        one copy, which is the step's host sync, and the factors go back in one copy. On a GPU, torch's SVD
+        synchronises twice per call to check its result; small cores cost LAPACK less than that."""
+        active, device = plan.active, plan.cores[plan.active[0]].device
+        sizes = [plan.cores[i].shape[0] for i in active]
+        host = torch.cat([plan.cores[i].reshape(-1) for i in active]).cpu().split([k * k for k in sizes])
+        with _one_thread():  # matrices this small lose time to more threads
+            svds = [ig.svd(core.view(k, k)) for core, k in zip(host, sizes)]
+            plan.new_ranks = ig.truncation_rank_tensor([sigma for _, sigma, _ in svds], self.tau,
+                                                       not self.absolute_tau, *self._rank_bounds(active, host[0].device))
+        packed = torch.cat([t.reshape(-1) for factors in svds for t in factors])
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        shapes = [t.shape for factors in svds for t in factors]
+        pieces = iter(t.view(shape) for t, shape in zip(packed.split([sh.numel() for sh in shapes]), shapes))
+        plan.svds = {i: (next(pieces), next(pieces), next(pieces)) for i in active}
 
     @torch.no_grad()
     def finish_step(self, plan: StepPlan, new_ranks: list[int] | None) -> None:
@@ -403,6 +433,16 @@ def takes_host_checked_shortcuts(factor: torch.Tensor) -> bool:
     these variants are faster. On a GPU the plain calls keep the step at one sync, and were faster anyway
     (results/bench/gpu/linalg.txt)."""
     return factor.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

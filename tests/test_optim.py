@@ -180,6 +180,26 @@ def test_state_dict_round_trip_then_bit_identical_step(method, optimizer):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("method", ["adaptive", "parallel"])
+def test_svds_on_the_host_give_the_steps_of_svds_on_the_device(method):
+    """svd_on='host' (one copy of all cores, LAPACK, one copy back) against the default, in float64, where
+    both take the plain SVD: the same ranks and factors, step after step, while the ranks change."""
+    runs = []
+    for svd_on in ("device", "host"):
+        model = seeded(small_cnn).double()
+        opt = DLRTOptimizer(model, lr=0.5, tau=0.02, method=method, momentum=0.9, svd_on=svd_on)
+        ranks = [opt.ranks()]
+        for step in range(4):
+            x, y = batch_for(model, seed=step)
+            train_step(model, opt, x.double(), y)
+            ranks.append(opt.ranks())
+        runs.append((model, ranks))
+    (device_model, device_ranks), (host_model, host_ranks) = runs
+    assert host_ranks == device_ranks and len({tuple(r) for r in device_ranks}) > 1
+    for a, b in zip(device_model.parameters(), host_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("policy", ["project", "keep", "reset"])
 def test_state_policies_give_states_of_the_new_rank(policy):
     model = seeded(small_mlp)
@@ -230,6 +250,7 @@ def test_dense_optimizer_can_be_chosen_and_schedulers_drive_both():
     (dict(state_policy="forget"), "project, keep, reset"),
     (dict(lr=-1.0), "lr must be"),
     (dict(r_min=5, r_max=3), "r_min <= r_max"),
+    (dict(svd_on="gpu"), "device, host"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     args = dict(lr=0.1) | kwargs
