@@ -298,7 +298,7 @@ def build(case: Case, device: torch.device, low_rank: bool, seed: int = 0) -> nn
 
 
 def make_runner(method: str, case: Case, device: torch.device, base: nn.Module | None = None,
-                r_min: int | None = None, r_max: int | None = None, svd_on: str = "device") -> Runner:
+                r_min: int | None = None, r_max: int | None = None, svd_on: str = "auto") -> Runner:
     """A fresh model and optimizer for `method`; low-rank models are copies of `base` when given."""
     if method in ("dense", "dense_fused"):
         model = build(case, device, low_rank=False)
@@ -996,7 +996,7 @@ def parse_args(argv):
                    help="CUDA only: time adaptive_graphed (CUDA graphs) beside the other methods, not at all, or "
                         "alone with dense (a capture that fails can leave the GPU unusable for the rest of the "
                         "process: gpu_checks.sh measures the graphed steps in a process of their own)")
-    p.add_argument("--svd-on", choices=SVD_PLACES, default="device",
+    p.add_argument("--svd-on", choices=SVD_PLACES, default="auto",
                    help="where the rank-adaptive steps take the SVDs of their cores (DLRTOptimizer's svd_on)")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each case wait up to this many seconds for other processes to leave the CPU")

@@ -14,9 +14,10 @@ Methods (`METHODS`):
 - ``vanilla``: plain factorised training W = U V^T by simultaneous gradient steps on U and V (the
   naive baseline of the paper); the singular values are absorbed into U and V at construction.
 
-`svd_on`: where the SVDs of the augmented cores are taken, "device" (with the factors) or "host" (LAPACK on
-one CPU thread, the cores copied over and back in one copy each). On a GPU, torch's SVD synchronises twice per
-call; for small cores the host can be quicker (dlrt-bench --svd-on compares them).
+`svd_on`: where the SVDs of the augmented cores are taken, "device" (with the factors), "host" (LAPACK on
+one CPU thread, the cores copied over and back in one copy each) or "auto": on the host for a GPU step whose
+cores are all at most HOST_SVD_MAX_SIZE, else on the device. On a GPU, torch's SVD synchronises twice per
+call; small cores cost LAPACK less than that (dlrt-bench --svd-on compares them).
 
 Parameters that are not low-rank (biases, dense layers, norms) are stepped once per batch, with the
 S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same rule with the same lr.
@@ -47,7 +48,11 @@ from .layers import low_rank_layers
 from .update_rules import STATE_POLICIES, change_basis, lift_state, make_rule
 
 METHODS = ("adaptive", "parallel", "fixed", "s_only", "vanilla")
-SVD_PLACES = ("device", "host")
+SVD_PLACES = ("auto", "device", "host")
+# svd_on="auto" takes the SVDs of a GPU step's cores on the host when none is larger than this. On an H100 the
+# host was quicker at LeNet5's (18-56) and the FC net's (70-106) cores, the GPU at the timing study's 160 and up
+# (results/bench/gpu/README.md).
+HOST_SVD_MAX_SIZE = 128
 
 
 class DLRTOptimizer(torch.optim.Optimizer):
@@ -66,7 +71,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         r_max: int | None = None,
         state_policy: str = "project",
         dense_optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
-        svd_on: str = "device",
+        svd_on: str = "auto",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -229,13 +234,19 @@ class DLRTOptimizer(torch.optim.Optimizer):
         plan.new_ranks). A no-op for the methods that keep ranks."""
         if not plan.cores:
             return
-        if self.svd_on == "host":
+        if self._svds_on_host(plan):
             self._decide_ranks_on_host(plan)
             return
         plan.svds = {i: ig.gram_svd(S1) if plan.via_gram else ig.svd(S1) for i, S1 in plan.cores.items()}
         plan.new_ranks = ig.truncation_rank_tensor(
             [plan.svds[i][1] for i in plan.active], self.tau, not self.absolute_tau,
             *self._rank_bounds(plan.active, plan.cores[plan.active[0]].device))
+
+    def _svds_on_host(self, plan: StepPlan) -> bool:
+        if self.svd_on != "auto":
+            return self.svd_on == "host"
+        cores = [plan.cores[i] for i in plan.active]
+        return cores[0].is_cuda and max(core.shape[0] for core in cores) <= HOST_SVD_MAX_SIZE
 
     def _decide_ranks_on_host(self, plan: StepPlan) -> None:
         """decide_ranks with the SVDs and the truncation on the host (svd_on='host'): every core comes over in
@@ -244,11 +255,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
         active, device = plan.active, plan.cores[plan.active[0]].device
         sizes = [plan.cores[i].shape[0] for i in active]
         host = torch.cat([plan.cores[i].reshape(-1) for i in active]).cpu().split([k * k for k in sizes])
-        with _one_thread():  # matrices this small lose time to more threads
+        # One thread: matrices this small lose time to more, and threads left spinning after a parallel
+        # copy burnt ten times the step's time in CPU (seen on a 16-core host).
+        with _one_thread():
             svds = [ig.svd(core.view(k, k)) for core, k in zip(host, sizes)]
             plan.new_ranks = ig.truncation_rank_tensor([sigma for _, sigma, _ in svds], self.tau,
                                                        not self.absolute_tau, *self._rank_bounds(active, host[0].device))
-        packed = torch.cat([t.reshape(-1) for factors in svds for t in factors])
+            packed = torch.cat([t.reshape(-1) for factors in svds for t in factors])
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         shapes = [t.shape for factors in svds for t in factors]

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", action="store_true", help="one row per operation and input shapes")
     parser.add_argument("--rows", type=int, default=25, help="rows of the table [25]")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--svd-on", choices=bench.SVD_PLACES, default="device", help="DLRTOptimizer's svd_on")
+    parser.add_argument("--svd-on", choices=bench.SVD_PLACES, default="auto", help="DLRTOptimizer's svd_on [auto]")
     args = parser.parse_args(argv)
     if args.method == "adaptive_graphed" and args.device != "cuda":
         parser.error("adaptive_graphed needs --device cuda")

@@ -1,6 +1,7 @@
 """DLRTOptimizer: invariants of the step, truncation, training, state round trips, plain-torch parity."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from dlrt import METHODS, DLRTOptimizer, LowRankLinear, low_rank_layers
 from dlrt.integrators import truncation_ranks
+from dlrt.optim import HOST_SVD_MAX_SIZE, StepPlan
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
 
@@ -200,6 +202,22 @@ def test_svds_on_the_host_give_the_steps_of_svds_on_the_device(method):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_svd_on_auto_takes_the_host_for_small_cores_of_a_gpu_step_only():
+    def plan(is_cuda, *sizes):
+        return StepPlan(active=list(range(len(sizes))),
+                        cores={i: SimpleNamespace(is_cuda=is_cuda, shape=(k, k)) for i, k in enumerate(sizes)})
+
+    opt = DLRTOptimizer(seeded(small_mlp), lr=0.1)
+    assert opt.svd_on == "auto"
+    assert opt._svds_on_host(plan(True, 18, HOST_SVD_MAX_SIZE))
+    assert not opt._svds_on_host(plan(True, 18, HOST_SVD_MAX_SIZE + 2))  # one large core: all on the GPU
+    assert not opt._svds_on_host(plan(False, 18, 56))  # a CPU step is on the host already
+    opt.svd_on = "host"
+    assert opt._svds_on_host(plan(True, 18, 4 * HOST_SVD_MAX_SIZE))
+    opt.svd_on = "device"
+    assert not opt._svds_on_host(plan(True, 18))
+
+
 @pytest.mark.parametrize("policy", ["project", "keep", "reset"])
 def test_state_policies_give_states_of_the_new_rank(policy):
     model = seeded(small_mlp)
@@ -250,7 +268,7 @@ def test_dense_optimizer_can_be_chosen_and_schedulers_drive_both():
     (dict(state_policy="forget"), "project, keep, reset"),
     (dict(lr=-1.0), "lr must be"),
     (dict(r_min=5, r_max=3), "r_min <= r_max"),
-    (dict(svd_on="gpu"), "device, host"),
+    (dict(svd_on="gpu"), "auto, device, host"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     args = dict(lr=0.1) | kwargs
