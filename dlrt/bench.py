@@ -810,7 +810,7 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
         if device.type == "cuda":  # small factorisations may be cheaper on the host, copies included
             variants["svd: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.svd(S.cpu())] for S in Ss]
-            variants["svd: on the host, one copy each way, 1 thread, gram_svd"] = lambda: _host_svds(Ss, ig.gram_svd)
+            variants["svd: on the host, one copy each way, 1 thread, gram_svd"] = lambda: ig.svds_on_host(Ss, ig.gram_svd)
             variants["qr: loop on the CPU, copies included"] = lambda: [
                 [t.to(device) for t in torch.linalg.qr(A.cpu())] for A in As]
         fields = {"case": case.name, "qr_shapes": " ".join(f"{n}x{2 * r}" for n, r, _ in factors),
@@ -823,21 +823,6 @@ def suite_linalg(args, device, meta: Meta) -> list[dict]:
         rows += _time_variants(_svd_variants(Ss, device, here), min(args.linalg_reps, 5), sync,
                                {**fields, **meta.fields})
     return rows
-
-
-def _host_svds(Ss: list[torch.Tensor], svd) -> torch.Tensor:
-    """Every core to the host in one copy (one sync), their SVDs there on one thread, and the factors back
-    to the device in one copy: what a GPU step would pay to take its small SVDs on the CPU."""
-    sizes = [S.shape[0] for S in Ss]
-    flat = torch.cat([S.reshape(-1) for S in Ss]).cpu()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK on matrices this small only loses time to more threads
-    try:
-        svds = [svd(core.view(k, k)) for core, k in zip(flat.split([k * k for k in sizes]), sizes)]
-    finally:
-        torch.set_num_threads(threads)
-    back = torch.cat([t.reshape(-1) for factors in svds for t in factors])
-    return back.pin_memory().to(Ss[0].device, non_blocking=True) if Ss[0].is_cuda else back
 
 
 def _svd_variants(Ss: list[torch.Tensor], device, here: dict) -> dict:
@@ -854,7 +839,7 @@ def _svd_variants(Ss: list[torch.Tensor], device, here: dict) -> dict:
         variants["svd: loop torch.linalg.svd(driver='gesvd')"] = lambda: [
             torch.linalg.svd(S, driver="gesvd") for S in Ss]
         if max(S.shape[0] for S in Ss) <= 512:  # one thread would take seconds on the larger cores
-            variants["svd: on the host, one copy each way, 1 thread"] = lambda: _host_svds(Ss, ig.svd)
+            variants["svd: on the host, one copy each way, 1 thread"] = lambda: ig.svds_on_host(Ss, ig.svd)
     return variants
 
 

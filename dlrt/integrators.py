@@ -12,6 +12,8 @@ independent of the basis chosen for that span; with U0 first, S̃ = Û^T U0 S0 V
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -127,6 +129,37 @@ def svd(S1: torch.Tensor):
     except torch.linalg.LinAlgError:
         P, sigma, Qh = torch.linalg.svd(S1.double())
         return P.to(S1.dtype), sigma.to(S1.dtype), Qh.to(S1.dtype)
+
+
+def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple], list[torch.Tensor]]:
+    """`decompose` (svd or gram_svd) of square cores on any device, taken on the host: the cores come over
+    in one copy (a host sync), LAPACK runs on one thread, and the factors go back in one copy. Returns the
+    factors (P, σ, Qh) on the cores' device, and the σ on the host.
+
+    On a GPU, torch's SVD synchronises twice per call to check its result; small cores cost LAPACK less."""
+    device, sizes = cores[0].device, [core.shape[0] for core in cores]
+    host = torch.cat([core.reshape(-1) for core in cores]).cpu().split([k * k for k in sizes])
+    # One thread for all of it: matrices this small lose time to more, and with the FC net's cores the threads
+    # left spinning after a parallel copy burnt ten times the step's wall time in CPU time (on an H100's host).
+    with _one_thread():
+        found = [decompose(core.view(k, k)) for core, k in zip(host, sizes)]
+        packed = torch.cat([t.reshape(-1) for factors in found for t in factors])
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    shapes = [t.shape for factors in found for t in factors]
+    pieces = iter(t.view(shape) for t, shape in zip(packed.split([shape.numel() for shape in shapes]), shapes))
+    return [(next(pieces), next(pieces), next(pieces)) for _ in found], [sigma for _, sigma, _ in found]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # Singular vectors from the Gram matrix are accurate to about eps64 (σ_1 / σ_k)^2: keep σ_k above this.

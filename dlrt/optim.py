@@ -24,8 +24,8 @@ S-step, by an ordinary torch optimizer (`dense_optimizer`), by default the same 
 The low-rank learning rate is `param_groups[0]["lr"]`; the dense optimizer's groups follow it in
 `param_groups`, so torch's LR schedulers drive both.
 
-A step is `prepare_step` (everything up to the truncation decisions, which stay on the device), one host
-sync for the new ranks, and `finish_step`. prepare_step is `prepare_cores` (the augmented cores) and
+A step is `prepare_step` (everything up to the truncation decisions), one read of the new ranks on the
+host, and `finish_step`. prepare_step is `prepare_cores` (the augmented cores) and
 `decide_ranks` (their SVDs and the new ranks): dlrt.graphs replays prepare_cores and finish_step from CUDA
 graphs and runs decide_ranks eagerly, because torch's CUDA SVD checks its result on the host.
 
@@ -206,10 +206,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def prepare_step(self) -> StepPlan:
-        """The first half of a step: everything up to the truncation decisions, which stay on the device.
+        """The first half of a step: everything up to the truncation decisions (plan.new_ranks).
 
-        `step` is prepare_step, one host sync (`plan.new_ranks.tolist()`), finish_step. prepare_step is
-        prepare_cores then decide_ranks. They are public for graphed steps (dlrt.graphs). Not for 'fixed'.
+        `step` is prepare_step, one read of the new ranks (`plan.new_ranks.tolist()`), finish_step.
+        prepare_step is prepare_cores then decide_ranks. They are public for graphed steps (dlrt.graphs).
+        Not for 'fixed'.
         """
         plan = self.prepare_cores()
         self.decide_ranks(plan)
@@ -230,8 +231,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def decide_ranks(self, plan: StepPlan) -> None:
-        """Phase 3: the SVD of each core and all truncation decisions as one device tensor (plan.svds,
-        plan.new_ranks). A no-op for the methods that keep ranks."""
+        """Phase 3: the SVD of each core and all truncation decisions as one tensor (plan.svds,
+        plan.new_ranks; the ranks stay where the SVDs were taken, see svd_on). A no-op for the methods that keep
+        ranks."""
         if not plan.cores:
             return
         if self._svds_on_host(plan):
@@ -249,24 +251,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         return cores[0].is_cuda and max(core.shape[0] for core in cores) <= HOST_SVD_MAX_SIZE
 
     def _decide_ranks_on_host(self, plan: StepPlan) -> None:
-        """decide_ranks with the SVDs and the truncation on the host (svd_on='host'): every core comes over in
-        one copy, which is the step's host sync, and the factors go back in one copy. On a GPU, torch's SVD
-        synchronises twice per call to check its result; small cores cost LAPACK less than that."""
-        active, device = plan.active, plan.cores[plan.active[0]].device
-        sizes = [plan.cores[i].shape[0] for i in active]
-        host = torch.cat([plan.cores[i].reshape(-1) for i in active]).cpu().split([k * k for k in sizes])
-        # One thread: matrices this small lose time to more, and threads left spinning after a parallel
-        # copy burnt ten times the step's time in CPU (seen on a 16-core host).
-        with _one_thread():
-            svds = [ig.svd(core.view(k, k)) for core, k in zip(host, sizes)]
-            plan.new_ranks = ig.truncation_rank_tensor([sigma for _, sigma, _ in svds], self.tau,
-                                                       not self.absolute_tau, *self._rank_bounds(active, host[0].device))
-            packed = torch.cat([t.reshape(-1) for factors in svds for t in factors])
-        if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        shapes = [t.shape for factors in svds for t in factors]
-        pieces = iter(t.view(shape) for t, shape in zip(packed.split([sh.numel() for sh in shapes]), shapes))
-        plan.svds = {i: (next(pieces), next(pieces), next(pieces)) for i in active}
+        """decide_ranks with the SVDs (ig.svds_on_host) and the truncation on the host: the copy of the cores
+        is the step's one host sync, and the ranks are read for free."""
+        svds, sigmas = ig.svds_on_host([plan.cores[i] for i in plan.active])
+        plan.svds = dict(zip(plan.active, svds))
+        plan.new_ranks = ig.truncation_rank_tensor(sigmas, self.tau, not self.absolute_tau,
+                                                   *self._rank_bounds(plan.active, sigmas[0].device))
 
     @torch.no_grad()
     def finish_step(self, plan: StepPlan, new_ranks: list[int] | None) -> None:
@@ -443,19 +433,9 @@ class StepPlan:
 def takes_host_checked_shortcuts(factor: torch.Tensor) -> bool:
     """Whether the rank-adaptive step uses the QR and SVD variants that check their own accuracy
     (`new_directions(projected=True)`, `gram_svd`). The checks need a host sync each: free on a CPU, where
-    these variants are faster. On a GPU the plain calls keep the step at one sync, and were faster anyway
-    (results/bench/gpu/linalg.txt)."""
+    these variants are faster. On a GPU the plain calls were faster (results/bench/gpu/linalg.txt), and the
+    QR's checks could not be held by a CUDA graph."""
     return factor.device.type == "cpu"
-
-
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

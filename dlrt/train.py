@@ -35,7 +35,7 @@ from .image_data import IMAGE_DATASETS, IMAGE_SHAPES, load_image_data
 from .layers import low_rank_layers
 from .metrics import parameter_report
 from .models import ModelError, build_model
-from .optim import DLRTOptimizer
+from .optim import SVD_PLACES, DLRTOptimizer
 from .provenance import CODE_VERSION
 
 LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla")
@@ -110,6 +110,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.subset={cfg.data.subset} must be a positive integer or null")
     if method not in LOW_RANK_METHODS + ("dense",):
         raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
+    if cfg.svd_on not in SVD_PLACES:
+        raise ConfigError(f"svd_on={cfg.svd_on} is unknown: choose {', '.join(SVD_PLACES)}")
     if cfg.cuda_graphs not in (True, False):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs} must be true or false")
     if cfg.cuda_graphs and method == "fixed":
@@ -281,7 +283,7 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
     return DLRTOptimizer(
         model, lr=cfg.lr, tau=cfg.tau, method="adaptive" if method == "dense" else method,
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        absolute_tau=m.absolute_tau, r_min=m.r_min, r_max=m.r_max, state_policy=m.state_policy,
+        absolute_tau=m.absolute_tau, r_min=m.r_min, r_max=m.r_max, state_policy=m.state_policy, svd_on=cfg.svd_on,
     )
 
 

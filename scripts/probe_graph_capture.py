@@ -111,7 +111,9 @@ def probe_one(name: str, device: str) -> dict:
         graph.replay()
         torch.cuda.synchronize()
         row["replay_right"] = bool(right(x, out))
-    except Exception as error:  # the message is the finding
+    except Exception as error:  # the message is the finding: the first error, not the failed capture's end
+        while error.__context__ is not None:
+            error = error.__context__
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
     return row
 

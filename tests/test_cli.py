@@ -91,6 +91,7 @@ def test_joblib_launcher_runs_a_sweep_two_at_a_time(tmp_path):
     (["optim=rmsprop"], "unknown optim 'rmsprop'"),
     (["threads=0"], "threads=0 must be a positive integer"),
     (["flush_denormal=maybe"], "flush_denormal=maybe must be true or false"),
+    (["svd_on=gpu"], "svd_on=gpu is unknown: choose auto, device, host"),
     (["data.subset=0"], "data.subset=0 must be a positive integer"),
     (["finetune.method=sgd"], "finetune.method=sgd is unknown"),
     (["scheduler.name=cosine"], "scheduler.name=cosine is unknown"),

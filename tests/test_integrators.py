@@ -82,6 +82,19 @@ def test_gram_svd_matches_the_svd_on_the_triplets_it_vouches_for(spectrum):
     assert torch.linalg.norm(P @ torch.diag(s[:r]) @ Q.T - A) <= 1e-5 + torch.linalg.norm(s_ref[r:])
 
 
+@pytest.mark.parametrize("decompose", [ig.svd, ig.gram_svd], ids=["svd", "gram_svd"])
+def test_svds_on_host_give_each_cores_decomposition_and_restore_the_threads(decompose):
+    cores = [torch.randn(k, k, generator=torch.Generator().manual_seed(k)) for k in (3, 7, 5)]
+    threads = torch.get_num_threads()
+    factors, sigmas = ig.svds_on_host(cores, decompose)
+    assert torch.get_num_threads() == threads
+    for core, (P, sigma, Qh), host_sigma in zip(cores, factors, sigmas):
+        expected = decompose(core)
+        for got, want in zip((P, sigma, Qh), expected):
+            assert torch.equal(got, want)
+        assert torch.equal(host_sigma, sigma)
+
+
 def test_gram_svd_of_a_singular_core_leaves_no_nan_and_is_not_vouched_for():
     A = torch.zeros(6, 6)
     A[0, 0] = 2.0
