@@ -7,7 +7,8 @@
 #   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh /tmp/try --quick    # here, on the CPU, to try it
 #
 # Into the folder given it writes gpu_bench.tar.gz (dlrt-bench's steps, breakdown, linalg and timing-study
-# CSV/TXT/PNG files; graphed/ holds the steps and timing study of CUDA-graphed steps against dense) and a log.
+# CSV/TXT/PNG files; graphed/ holds the steps and timing study of CUDA-graphed steps against dense; capture/
+# what a CUDA graph can hold, from scripts/probe_graph_capture.py) and a log.
 # Unpack the archive into results/bench/gpu/ and say there which card made the numbers. Each bench call has a
 # time limit (BENCH_SECONDS, TIMING_SECONDS, GRAPHS_SECONDS), and the archive is made whatever happens, so a
 # slow timing study cannot lose the other suites.
@@ -25,6 +26,8 @@ if [[ "${1:-}" == "--quick" ]]; then device=cpu; fi
 ranks=${RANKS:-5,10,20,40,80,160,320,640,1280}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
+  # which torch.linalg calls a CUDA graph can hold in this torch (each in a process of its own)
+  timeout 90 "$PYTHON" scripts/probe_graph_capture.py --device "$device" --out "$work/capture" || echo "capture probe: exit status $?"
   timeout "${BENCH_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite steps,breakdown,linalg \
     --graphs without --out "$work" "$@" || echo "steps/breakdown/linalg: exit status $?"
   timeout "${TIMING_SECONDS:-200}" "$PYTHON" -m dlrt.bench --device "$device" --suite timing_study \

@@ -74,6 +74,7 @@ def test_gpu_checks_packs_every_suite_even_when_one_fails(tmp_path):
     listing = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "gpu_bench.tar.gz")], capture_output=True,
                              text=True, check=True).stdout.split()
     assert {f"./{suite}.{ext}" for suite in ("steps", "breakdown", "linalg") for ext in ("csv", "txt")} <= set(listing)
+    assert "./capture/capture.csv" in listing  # the capture probe (on a CPU it checks only its own checks)
 
 
 def test_profile_step_times_then_profiles_a_small_timing_study():
