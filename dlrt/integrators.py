@@ -139,8 +139,9 @@ def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple],
     On a GPU, torch's SVD synchronises twice per call to check its result; small cores cost LAPACK less."""
     device, sizes = cores[0].device, [core.shape[0] for core in cores]
     host = torch.cat([core.reshape(-1) for core in cores]).cpu().split([k * k for k in sizes])
-    # One thread for all of it: matrices this small lose time to more, and with the FC net's cores the threads
-    # left spinning after a parallel copy burnt ten times the step's wall time in CPU time (on an H100's host).
+    # One thread for all of it: matrices this small lose time to more. With the FC net's cores an H100's
+    # 16-thread host burnt ten times the step's wall time in CPU time while the copy into pinned memory ran
+    # outside this block (threads spinning after a parallel copy, the likely cause).
     with _one_thread():
         found = [decompose(core.view(k, k)) for core, k in zip(host, sizes)]
         packed = torch.cat([t.reshape(-1) for factors in found for t in factors])

@@ -24,14 +24,7 @@ import torch
 
 
 def _reconstructs(A, *factors, rtol=1e-3) -> bool:
-    return torch.allclose(_product(*factors), A, atol=rtol * A.abs().max().item())
-
-
-def _product(*factors):
-    out = factors[0]
-    for f in factors[1:]:
-        out = out @ f
-    return out
+    return torch.allclose(torch.linalg.multi_dot(factors), A, atol=rtol * A.abs().max().item())
 
 
 def _spd(n, device):
@@ -93,9 +86,10 @@ def probe_one(name: str, device: str) -> dict:
     make, call, right = PROBES[name]
     torch.manual_seed(0)
     x = make(device)
+    row = {"call": name, "captured": "", "replay_right": "", "eager_right": bool(right(x, call(x))), "error": ""}
     if device == "cpu":
-        return {"call": name, "captured": "", "replay_right": "", "eager_right": bool(right(x, call(x))), "error": ""}
-    row = {"call": name, "captured": False, "replay_right": "", "eager_right": bool(right(x, call(x))), "error": ""}
+        return row
+    row["captured"] = False
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
