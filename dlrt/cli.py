@@ -115,7 +115,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return
     best = summary["selected"]
-    print(f"done: {run_dir}\n  selected epoch {best['epoch']} (min val loss): test acc {best['test_acc']:.2f}%, "
+    print(f"done: {run_dir}\n  selected epoch {best['epoch']} ({summary['selection']}): test acc {best['test_acc']:.2f}%, "
           f"ranks [{best['ranks']}], c.r. eval {best['cr_eval_honest']:.1f}% honest / {best['cr_eval_paper']:.1f}% "
           f"paper convention, {summary['seconds_per_epoch']:.1f} s per epoch")
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear, _LowRankLayer
 
-Rank = int | float | None | Callable[[str, int, int], int]
+Rank = int | float | None | Sequence[int] | Callable[[str, int, int], int]
 
 
 @dataclass
@@ -55,18 +55,44 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _choose_rank(rank: Rank, name: str, n: int, m: int) -> int:
-    """None: ⌊min(n,m)/2⌋; an int: that rank, capped at min(n,m); a float in (0, 1]: that fraction of min(n,m)."""
+    """None: ⌊min(n,m)/2⌋; an int: that rank, capped at min(n,m); a float in (0, 1]: that fraction of min(n,m);
+    a function (name, n, m) -> rank: its rank, which must fit the layer."""
+    full = min(n, m)
     if callable(rank):
         chosen = rank(name, n, m)
-    elif rank is None:
-        chosen = min(n, m) // 2
-    elif isinstance(rank, float):
+        _check_rank(chosen, f"the rank chosen for {name}")
+        if chosen > full:
+            raise ValueError(f"rank {chosen} chosen for {name} is larger than its {n}x{m} weight allows (at most {full})")
+        return chosen
+    if rank is None:
+        return max(1, full // 2)
+    if isinstance(rank, float):
         if not 0 < rank <= 1:
             raise ValueError(f"a fractional rank must be in (0, 1], got {rank}")
-        chosen = round(rank * min(n, m))
-    else:
-        chosen = rank
-    return max(1, min(int(chosen), min(n, m)))
+        return max(1, round(rank * full))
+    _check_rank(rank, "rank")
+    return min(rank, full)
+
+
+def _check_rank(rank, what: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what} must be an integer >= 1, a fraction in (0, 1] or None, got {rank!r}")
+
+
+def _per_layer(ranks: Sequence[int], count: int) -> Callable[[str, int, int], int]:
+    """A rank function that hands out `ranks` in the order the layers are converted."""
+    if len(ranks) != count:
+        raise ValueError(f"{len(ranks)} ranks given for {count} layers to convert: give one rank per layer")
+    given = iter(enumerate(ranks, start=1))
+
+    def next_rank(name: str, n: int, m: int) -> int:
+        index, rank = next(given)
+        _check_rank(rank, f"the rank of layer {index}")
+        if rank > min(n, m):
+            raise ValueError(f"rank {rank} is larger than layer {index} ({name}, a {n}x{m} weight) allows: "
+                             f"at most {min(n, m)}")
+        return rank
+    return next_rank
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,12 +108,16 @@ def convert(
     keep_first_conv: bool = True,
     keep_classifier: bool = True,
     from_weights: bool = True,
+    init: str = "svd",
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace the model's Linear/Conv2d layers by low-rank ones, in place; returns (model, report).
 
     from_weights=True starts each layer at the truncated SVD of its current weight (a pretrained model
-    starts at its best low-rank approximation); False draws fresh factors.
+    starts at its best low-rank approximation); False draws fresh factors, by `init` (layers.INITS):
+    "svd" (the truncated SVD of a fresh torch draw) or "authors" (the published code's random factors).
     """
+    if from_weights and init != "svd":
+        raise ValueError(f"init={init!r} draws fresh factors: pass from_weights=False with it")
     include, exclude = list(include), list(exclude)
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     convs = [name for name, m in candidates if isinstance(m, nn.Conv2d)]
@@ -96,34 +126,46 @@ def convert(
     classifier = linears[-1] if linears and keep_classifier else None
 
     report = ConversionReport()
+    selected = [(name, module) for name, module in candidates if _skip_reason(name, module, first_conv, classifier,
+                                                                               include, exclude) is None]
+    if isinstance(rank, (list, tuple)):
+        rank = _per_layer(rank, len(selected))
     for name, module in candidates:
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         n, m = _matrix_shape(module)
         entry = ConversionEntry(name, kind, (n, m), None)
         report.entries.append(entry)
-        if name == first_conv:
-            entry.note = "first conv, kept dense"
-        elif name == classifier:
-            entry.note = "classifier, kept dense"
-        elif not any(fnmatch(name, p) for p in include) or any(fnmatch(name, p) for p in exclude):
-            entry.note = "not selected by include/exclude"
-        elif kind == "conv" and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            entry.note = "grouped, non-zero-padded or 'same'-padded conv, kept dense"
-        else:
+        entry.note = _skip_reason(name, module, first_conv, classifier, include, exclude) or ""
+        if not entry.note:
             entry.rank = _choose_rank(rank, name, n, m)
-            _set_submodule(model, name, _low_rank(module, entry.rank, from_weights))
+            _set_submodule(model, name, _low_rank(module, entry.rank, from_weights, init))
     return model, report
 
 
-def _low_rank(module: nn.Module, rank: int, from_weights: bool) -> _LowRankLayer:
+def _skip_reason(name, module, first_conv, classifier, include, exclude) -> str | None:
+    """Why a Linear/Conv2d stays dense, or None when it is converted."""
+    if name == first_conv:
+        return "first conv, kept dense"
+    if name == classifier:
+        return "classifier, kept dense"
+    if not any(fnmatch(name, p) for p in include) or any(fnmatch(name, p) for p in exclude):
+        return "not selected by include/exclude"
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                          or isinstance(module.padding, str)):
+        return "grouped, non-zero-padded or 'same'-padded conv, kept dense"
+    return None
+
+
+def _low_rank(module: nn.Module, rank: int, from_weights: bool, init: str) -> _LowRankLayer:
     if isinstance(module, nn.Linear):
         if from_weights:
             return LowRankLinear.from_linear(module, rank)
-        return LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None).to(module.weight)
+        return LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None,
+                             init=init).to(module.weight)
     if from_weights:
         return LowRankConv2d.from_conv(module, rank)
     return LowRankConv2d(module.in_channels, module.out_channels, module.kernel_size, rank, module.stride,
-                         module.padding, module.dilation, module.bias is not None).to(module.weight)
+                         module.padding, module.dilation, module.bias is not None, init=init).to(module.weight)
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ Splits of the 70k-image sets:
 - standard: official training images 0..49999 -> train, 50000..59999 -> val, official test -> test.
 - paper: pool all 70000, then a stratified re-split drawn from ``seed`` into 60000 train+val /
   10000 test, and the 60000 again into 50000 train / 10000 val (PAPER.md section 2).
+- train_test: the paper split's 60000 / 10000 without a validation set: all 60000 train (the authors'
+  DLRT vs U V^T runs, UV_vanilla/*_factorization_run.py of the published code). The val split is empty.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 DATASETS = ("mnist", "fashion_mnist", "synthetic")
-SPLITS = ("standard", "paper")
+SPLITS = ("standard", "paper", "train_test")
 
 # Held out of the 60000 official training images (standard) or of the 70000 pooled (paper).
 N_VAL = 10_000
@@ -190,7 +192,10 @@ def _split_official(raw: dict[str, torch.Tensor], split: str, seed: int) -> Data
     else:
         x = torch.cat([raw["train_x"], raw["test_x"]])
         y = torch.cat([raw["train_y"], raw["test_y"]])
-        parts = [(x[idx], y[idx]) for idx in _paper_indices(y, seed)]
+        train, val, test = _paper_indices(y, seed)
+        if split == "train_test":  # the same test set as the paper split's, and no validation set
+            train, val = torch.cat([train, val]), val[:0]
+        parts = [(x[idx], y[idx]) for idx in (train, val, test)]
     train, val, test = (Split(_to_float(px), py) for px, py in parts)
     return DataSplits(train, val, test, input_shape=(1, 28, 28), num_classes=10)
 

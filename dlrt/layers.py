@@ -28,6 +28,33 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 EXACT_SVD_MAX_DIM = 1024  # above this a full SVD takes minutes on a CPU (VGG16's 4096x25088: 84 s)
 
+# How a new layer's factors are drawn:
+#   svd      the truncated SVD of the weight torch's nn.Linear / nn.Conv2d would draw (the default)
+#   authors  the published code's (COMPiLELab/DLRT-Net, optimizer_KLS/Linear_layer_lr_new.py and my_conv.py):
+#            random orthonormal U and V, and S = diag of the r largest of 2r draws of |N(0, 1)|
+INITS = ("svd", "authors")
+
+
+def random_orthonormal(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A rows x cols matrix with orthonormal columns, uniformly distributed (Haar): the Q of a Gaussian
+    matrix's QR with the signs of R's diagonal moved into Q."""
+    Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=like.dtype, device=like.device))
+    return Q * torch.sgn(R.diagonal()).where(R.diagonal() != 0, 1)
+
+
+def sorted_half_normal(count: int, keep: int, like: torch.Tensor) -> torch.Tensor:
+    """The `keep` largest of `count` draws of |N(0, 1)|, in descending order."""
+    draws = torch.randn(count, dtype=like.dtype, device=like.device).abs()
+    return draws.sort(descending=True).values[:keep]
+
+
+def _authors_factors(n: int, m: int, rank: int, like: torch.Tensor):
+    """The published code's initial factors at rank r: U, V random orthonormal, S the r largest of 2r |N(0,1)|."""
+    if like.is_meta:
+        return like.new_empty(n, rank), like.new_empty(rank, rank), like.new_empty(m, rank)
+    U, V = random_orthonormal(n, rank, like), random_orthonormal(m, rank, like)
+    return U, torch.diag(sorted_half_normal(2 * rank, rank, like)), V
+
 
 def _orthonormal_factors(weight: torch.Tensor, rank: int):
     """Truncated SVD of a dense weight matrix: its best rank-r factors.
@@ -60,14 +87,19 @@ class _LowRankLayer(nn.Module):
     out_dim: int  # n: rows of the weight matrix
     in_dim: int  # m: columns of the weight matrix
 
-    def _init_factors(self, weight_matrix: torch.Tensor, rank: int, bias: torch.Tensor | None):
+    def _init_factors(self, weight_matrix: torch.Tensor, rank: int, bias: torch.Tensor | None, init: str = "svd"):
         max_rank = min(self.out_dim, self.in_dim)
         if not 1 <= rank <= max_rank:
             raise ValueError(
                 f"rank {rank} is not possible for a {self.out_dim}x{self.in_dim} weight: "
                 f"choose 1 <= rank <= {max_rank}"
             )
-        U, S, V = _orthonormal_factors(weight_matrix, rank)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        if init == "authors":
+            U, S, V = _authors_factors(self.out_dim, self.in_dim, rank, weight_matrix)
+        else:
+            U, S, V = _orthonormal_factors(weight_matrix, rank)
         self.U = nn.Parameter(U.contiguous())
         self.S = nn.Parameter(S.contiguous())
         self.V = nn.Parameter(V.contiguous())
@@ -173,11 +205,14 @@ class _LowRankLinearFunction(torch.autograd.Function):
 
 
 class LowRankLinear(_LowRankLayer):
-    """A linear layer y = x W^T + b with W = U S V^T of adaptable rank."""
+    """A linear layer y = x W^T + b with W = U S V^T of adaptable rank.
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
-        # Draw W as nn.Linear would, then keep its best rank-r part: a sensible scale at any rank.
-        self._factor(nn.Linear(in_features, out_features, bias=bias), rank)
+    init="svd": W drawn as nn.Linear would, then its best rank-r part (a sensible scale at any rank);
+    init="authors": the published code's random factors (INITS). The bias is nn.Linear's either way.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, init: str = "svd"):
+        self._factor(nn.Linear(in_features, out_features, bias=bias), rank, init)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
@@ -186,11 +221,11 @@ class LowRankLinear(_LowRankLayer):
         new._factor(layer, rank)
         return new.to(layer.weight.device, layer.weight.dtype)
 
-    def _factor(self, dense: nn.Linear, rank: int) -> None:
+    def _factor(self, dense: nn.Linear, rank: int, init: str = "svd") -> None:
         super().__init__()
         self.in_features, self.out_features = dense.in_features, dense.out_features
         self.out_dim, self.in_dim = dense.out_features, dense.in_features
-        self._init_factors(dense.weight.detach(), rank, dense.bias)
+        self._init_factors(dense.weight.detach(), rank, dense.bias, init)
 
     def dense_weight(self) -> torch.Tensor:
         return self.dense_matrix()
@@ -253,13 +288,15 @@ class _LowRankConv2dFunction(torch.autograd.Function):
 
 
 class LowRankConv2d(_LowRankLayer):
-    """A Conv2d whose kernel, read as the C_out x (C_in k k) matrix, is U S V^T of adaptable rank."""
+    """A Conv2d whose kernel, read as the C_out x (C_in k k) matrix, is U S V^T of adaptable rank.
+
+    init: as for LowRankLinear ("svd" of nn.Conv2d's draw, or the published code's "authors" factors)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int,
                  stride=1, padding=0, dilation=1, bias: bool = True, groups: int = 1,
-                 padding_mode: str = "zeros"):
+                 padding_mode: str = "zeros", init: str = "svd"):
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
-        self._factor(dense, rank)
+        self._factor(dense, rank, init)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank: int) -> "LowRankConv2d":
@@ -268,7 +305,7 @@ class LowRankConv2d(_LowRankLayer):
         new._factor(layer, rank)
         return new.to(layer.weight.device, layer.weight.dtype)
 
-    def _factor(self, dense: nn.Conv2d, rank: int) -> None:
+    def _factor(self, dense: nn.Conv2d, rank: int, init: str = "svd") -> None:
         if dense.groups != 1:
             raise ValueError(f"LowRankConv2d supports groups=1 only (got groups={dense.groups}): keep grouped convs dense")
         if dense.padding_mode != "zeros":
@@ -280,7 +317,7 @@ class LowRankConv2d(_LowRankLayer):
         self.kernel_size, self.stride = dense.kernel_size, dense.stride
         self.padding, self.dilation = dense.padding, dense.dilation
         self.out_dim, self.in_dim = dense.out_channels, dense.in_channels * math.prod(dense.kernel_size)
-        self._init_factors(dense.weight.detach().reshape(dense.out_channels, -1), rank, dense.bias)
+        self._init_factors(dense.weight.detach().reshape(dense.out_channels, -1), rank, dense.bias, init)
 
     @property
     def _kernel_shape(self) -> tuple[int, int, int]:

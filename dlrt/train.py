@@ -32,14 +32,21 @@ from tqdm import tqdm
 from .data import DataError, data_shape, iterate_batches, load_data
 from .graphs import CudaGraphs, GraphedStep
 from .image_data import IMAGE_DATASETS, IMAGE_SHAPES, load_image_data
-from .layers import low_rank_layers
+from .layers import LowRankConv2d, low_rank_layers
 from .metrics import parameter_report
-from .models import ModelError, build_model
+from .models import ModelError, build_model, set_spectrum
 from .optim import SVD_PLACES, DLRTOptimizer
 from .provenance import CODE_VERSION
 
-LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla")
+LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla", "vanilla_frozen_convs")
 FINETUNE_METHODS = ("fixed", "s_only")
+# Methods of the runner that DLRTOptimizer knows by another name: the dense net's parameters are stepped by
+# its dense optimizer; the authors' U V^T baseline is vanilla training with the convs frozen (make_model).
+OPTIMIZER_METHOD = {"dense": "adaptive", "vanilla_frozen_convs": "vanilla"}
+SELECTIONS = ("min_val_loss", "final")
+
+
+SELECTION_TEXT = {"min_val_loss": "minimum validation loss", "final": "final epoch"}
 
 
 class ConfigError(ValueError):
@@ -110,6 +117,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.subset={cfg.data.subset} must be a positive integer or null")
     if method not in LOW_RANK_METHODS + ("dense",):
         raise ConfigError(f"method {method} is unknown: choose one of dense, {', '.join(LOW_RANK_METHODS)}")
+    if method == "vanilla_frozen_convs" and (cfg.model.get("init") != "authors" or cfg.model.get("spectrum") is None):
+        raise ConfigError("method=vanilla_frozen_convs is the published code's U V^T baseline: it needs "
+                          "model.init=authors and a model.spectrum (one, pow2 or pow10)")
+    if cfg.selection not in SELECTIONS:
+        raise ConfigError(f"selection={cfg.selection} is unknown: choose one of {', '.join(SELECTIONS)}")
+    no_validation = cfg.data.get("split") == "train_test"
+    if no_validation and cfg.selection != "final":
+        raise ConfigError("data.split=train_test has no validation set: set selection=final")
+    if no_validation and cfg.scheduler.name == "plateau":
+        raise ConfigError("scheduler.name=plateau steps on the validation loss, and data.split=train_test has none")
     if cfg.svd_on not in SVD_PLACES:
         raise ConfigError(f"svd_on={cfg.svd_on} is unknown: choose {', '.join(SVD_PLACES)}")
     if cfg.cuda_graphs not in (True, False):
@@ -234,6 +251,8 @@ def evaluate(model, batches: Iterable, precision: str = "fp32") -> Evaluation:
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     model.train()
+    if not seen:  # no validation set (data.split=train_test)
+        return Evaluation(math.nan, math.nan)
     return Evaluation(total_loss / seen, 100.0 * correct / seen)
 
 
@@ -274,14 +293,29 @@ def make_model(cfg: DictConfig, input_shape, num_classes: int):
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "rank", "protocol")}
     rank = cfg.model.rank
     rank = list(rank) if OmegaConf.is_list(rank) else rank
-    return build_model(cfg.model.name, input_shape, num_classes,
-                       low_rank=cfg.method.name != "dense", rank=rank, **options)
+    model = build_model(cfg.model.name, input_shape, num_classes,
+                        low_rank=cfg.method.name != "dense", rank=rank, **options)
+    if cfg.method.name == "vanilla_frozen_convs" and not next(model.parameters()).is_meta:
+        freeze_convs_as_authors(model)
+    return model
+
+
+@torch.no_grad()
+def freeze_convs_as_authors(model) -> None:
+    """The published U V^T baseline (UV_vanilla/my_conv_vanilla.py): each low-rank conv's factors are built from
+    √s of the sorted |N(0,1)| draws *before* the decay is applied, with requires_grad=False. So its convs are frozen
+    random features at an undecayed spectrum, and only the linear layers' factors (and every bias) train."""
+    convs = [layer for layer in low_rank_layers(model) if isinstance(layer, LowRankConv2d)]
+    set_spectrum(model, "one", "authors", layers=convs)
+    for layer in convs:
+        for factor in (layer.U, layer.S, layer.V):
+            factor.requires_grad_(False)
 
 
 def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
     m = cfg.method
     return DLRTOptimizer(
-        model, lr=cfg.lr, tau=cfg.tau, method="adaptive" if method == "dense" else method,
+        model, lr=cfg.lr, tau=cfg.tau, method=OPTIMIZER_METHOD.get(method, method),
         optimizer=cfg.optim.name, momentum=cfg.optim.momentum, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         absolute_tau=m.absolute_tau, r_min=m.r_min, r_max=m.r_max, state_policy=m.state_policy, svd_on=cfg.svd_on,
     )
@@ -413,7 +447,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 "lr": optimizer.lr, "epoch_time_s": train_time, "eval_time_s": time.time() - epoch_start - train_time,
             }
             rows.append(row)
-            is_best = best is None or val.loss < best["val_loss"]
+            is_best = best is None or cfg.selection == "final" or val.loss < best["val_loss"]
             best = row if is_best else best
             if not workers.is_main:
                 continue
@@ -430,7 +464,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     summary = {
         "status": "completed",
-        "selected_epoch": best["epoch"], "selection": "minimum validation loss",
+        "selected_epoch": best["epoch"], "selection": SELECTION_TEXT[cfg.selection],
         "selected": best, "final": rows[-1],
         "model": cfg.model.name, "data": cfg.data.name, "method": method, "tau": cfg.tau, "seed": cfg.seed,
         "epochs": cfg.epochs, "finetune_epochs": finetune_epochs,

@@ -38,3 +38,13 @@ def seeded(factory, seed: int = 0, dtype=torch.float64):
         return factory()
     finally:
         torch.set_default_dtype(previous)
+
+
+def compose_config(overrides: list[str]):
+    """dlrt-run's resolved config for these overrides, as Hydra composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from dlrt.cli import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)

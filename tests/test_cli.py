@@ -24,8 +24,9 @@ def dlrt_run(*args, cwd):
 @pytest.mark.parametrize("model", _options("model"))
 @pytest.mark.parametrize("method", _options("method"))
 def test_every_model_and_method_composes_and_validates(model, method):
+    authors = ["model.init=authors", "model.spectrum=one"] if method == "vanilla_frozen_convs" else []
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", f"method={method}"])
+        cfg = compose("config", overrides=[f"model={model}", f"method={method}", *authors])
     validate(cfg)
     assert cfg.model.name == model and cfg.method.name == method
 
@@ -84,8 +85,8 @@ def test_joblib_launcher_runs_a_sweep_two_at_a_time(tmp_path):
     (["epochs=0"], "epochs=0 must be a positive integer"),
     (["batch_size=-4"], "batch_size=-4 must be a positive integer"),
     (["lr=0"], "lr=0 must be a positive number"),
-    (["model.rank=[10,60,20]"], "model.rank 60 is larger than layer 2 allows"),
-    (["model.rank=[10,20]"], "model.rank lists 2 ranks but the model has 3 low-rank layers"),
+    (["model.rank=[10,60,20]"], "rank 60 is larger than layer 2 (3, a 50x500 weight) allows"),
+    (["model.rank=[10,20]"], "model.rank: 2 ranks given for 3 layers to convert"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["-m", "tau=0.1,2.0"], "tau=2.0 is outside [0, 1)"),
     (["optim=rmsprop"], "unknown optim 'rmsprop'"),
