@@ -1,9 +1,33 @@
-"""dlrt: Dynamical Low-Rank Training (Schotthöfer et al., NeurIPS 2022), exact and in one pass per batch."""
+"""dlrt: Dynamical Low-Rank Training (Schotthöfer et al., NeurIPS 2022), exact and in one pass per batch.
 
-from .convert import convert, merge
-from .layers import LowRankConv2d, LowRankLinear, low_rank_layers
-from .optim import METHODS, DLRTOptimizer
-from . import metrics
+The method needs only torch: `import dlrt` is cheap, and each name below is imported when first used. The
+experiment harness that reproduces the paper (dlrt-run, the tables, the benchmarks) is in dlrt.experiments,
+dlrt.report and dlrt.bench, and the method never imports it.
+"""
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "low_rank_layers", "convert", "merge", "DLRTOptimizer", "METHODS", "metrics"]
-__version__ = "0.1.0"
+import importlib
+
+_NAMES = {
+    "LowRankLinear": "layers", "LowRankConv2d": "layers", "StepInputs": "layers", "low_rank_layers": "layers",
+    "convert": "conversion", "merge": "conversion", "DLRTOptimizer": "optim", "METHODS": "optim",
+}
+_MODULES = ("conversion", "distributed", "export", "functional", "graphs", "integrators", "layers", "linalg", "metrics",
+            "optim", "update_rules")
+
+__all__ = [*_NAMES, "metrics", "export"]
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'dlrt' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_NAMES, *_MODULES])

@@ -1,114 +1,99 @@
-"""dlrt-export: a run's selected model as safetensors, and the loader that rebuilds it.
+"""A trained model as a safetensors file that rebuilds itself: `save_model` and `load_exported`.
 
-    dlrt-export runs/lenet5-mnist-adaptive-tau0.15-seed0 --format factored   # U, diag S, V: the honest storage
-    dlrt-export runs/lenet5-mnist-adaptive-tau0.15-seed0 --format dense      # merged plain torch modules
+    dlrt.export.save_model(model, "net.safetensors", "factored", builder="mypkg.nets:make_net", width=500)
+    model = dlrt.export.load_exported("net.safetensors")
 
-    model = dlrt.export.load_exported("model-factored.safetensors")
+Formats: "factored" keeps each low-rank layer's U, V and only the diagonal of S (S is diagonal after every
+truncation; a non-diagonal S, as after s_only fine-tuning, is stored whole): the honest storage of a compressed
+model. "dense" stores the merged plain nn.Linear / nn.Conv2d weights (dlrt.merge).
 
-The file's metadata holds what rebuilds the network (model name and options, input shape, classes,
-ranks), so the loader needs nothing but the file. In the factored format a low-rank layer stores U,
-V and only the diagonal of S (S is diagonal after every truncation; a non-diagonal S, as after
-s_only fine-tuning, is stored whole).
+The file's metadata names the function that builds the network ("module:function") and its keyword arguments,
+plus the layers' ranks, so the loader needs nothing but the file. The builder is called as
+builder(**kwargs, low_rank=<format is factored>, rank=<the ranks>) on the meta device; the file's tensors then
+replace every parameter. dlrt-run's models are built by dlrt.experiments.models:build_model.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
+import importlib
 import json
-import sys
+import os
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .convert import merge
+from .conversion import merge
 from .layers import low_rank_layers
-from .models import build_model
-from .train import input_spec, make_model
 
 FORMATS = ("factored", "dense")
 
 
-def _architecture(cfg, input_shape, num_classes, ranks) -> dict:
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    options = {k: v for k, v in model_cfg.items() if k not in ("name", "rank", "protocol", "spectrum")}
-    return {"model": model_cfg["name"], "options": options, "input_shape": list(input_shape),
-            "num_classes": num_classes, "ranks": ranks}
-
-
-def export_run(run_dir: Path, fmt: str, out: Path | None = None) -> Path:
-    """Write the run's selected model (best_model.pt) in `fmt`; returns the file written."""
-    run_dir = Path(run_dir)
+def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builder: str | None = None,
+               **builder_kwargs) -> Path:
+    """Write `model` to `path` in `fmt`, making missing folders; returns the path. `builder`: see the module."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    for name in ("config.yaml", "best_model.pt", "summary.json"):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {name} is missing")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    state = torch.load(run_dir / "best_model.pt", map_location="cpu", weights_only=True)
-    input_shape, num_classes = input_spec(cfg.data)
-    model = make_model(cfg, input_shape, num_classes)
-    model.load_state_dict(state)
+    from safetensors.torch import save_file
+
     ranks = [layer.rank for layer in low_rank_layers(model)]
-    architecture = _architecture(cfg, input_shape, num_classes, ranks)
-    if fmt == "dense":
-        tensors = merge(model).state_dict()
-    else:
-        tensors = _factored_tensors(model)
-    metadata = {"format": fmt, "architecture": json.dumps(architecture), "low_rank": str(bool(ranks) and fmt == "factored")}
-    out = Path(out) if out else run_dir / f"model-{fmt}.safetensors"
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out)
-    return out
+    tensors = merge(copy.deepcopy(model)).state_dict() if fmt == "dense" else _factored_tensors(model)
+    metadata = {"format": fmt, "builder": builder or "", "builder_kwargs": json.dumps(builder_kwargs),
+                "ranks": json.dumps(ranks), "low_rank": str(bool(ranks) and fmt == "factored")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any new file: safetensors leaves 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
-def _factored_tensors(model) -> dict[str, torch.Tensor]:
+def _factored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors = dict(model.state_dict())
+    layers = {id(layer) for layer in low_rank_layers(model)}
     for name, module in model.named_modules():
-        if module in low_rank_layers(model):
+        if id(module) in layers:
             S = tensors[f"{name}.S"]
             if torch.equal(S, torch.diag(torch.diagonal(S))):
                 tensors[f"{name}.S"] = torch.diagonal(S).clone()  # diagonal after truncation: r numbers, not r^2
     return tensors
 
 
-def load_exported(path: str | Path) -> torch.nn.Module:
-    """Rebuild the network of an exported file and load its weights."""
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild the network of an exported file and load its weights; in eval mode."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    architecture = json.loads(metadata["architecture"])
+        metadata = f.metadata() or {}
     tensors = load_file(str(path))
-    low_rank = metadata["low_rank"] == "True"
+    builder, kwargs = _builder(metadata)
+    low_rank = metadata.get("low_rank") == "True"
     with torch.device("meta"):  # shapes only; the file's tensors replace every parameter
-        model = build_model(architecture["model"], architecture["input_shape"], architecture["num_classes"],
-                            low_rank=low_rank, rank=architecture["ranks"] or None, **architecture["options"])
-    for layer_name, module in model.named_modules():
-        if module in low_rank_layers(model):
-            S = tensors[f"{layer_name}.S"]
-            if S.dim() == 1:
-                tensors[f"{layer_name}.S"] = torch.diag(S)
+        model = builder(**kwargs, low_rank=low_rank, rank=json.loads(metadata.get("ranks", "[]")) or None)
+    layers = {id(layer) for layer in low_rank_layers(model)}
+    for name, module in model.named_modules():
+        if id(module) in layers and tensors[f"{name}.S"].dim() == 1:
+            tensors[f"{name}.S"] = torch.diag(tensors[f"{name}.S"])
     model.load_state_dict(tensors, assign=True)
     return model.eval()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dlrt-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run folder (with best_model.pt)")
-    parser.add_argument("--format", choices=FORMATS, default="factored")
-    parser.add_argument("--out", type=Path, default=None, help="output file (default RUN_DIR/model-FORMAT.safetensors)")
-    args = parser.parse_args(argv)
-    try:
-        out = export_run(args.run_dir, args.format, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"dlrt-export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out} ({out.stat().st_size} bytes)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _builder(metadata: dict):
+    if "architecture" in metadata:  # files of dlrt 0.1 name a model of dlrt-run
+        architecture = json.loads(metadata["architecture"])
+        metadata = {"builder": "dlrt.experiments.models:build_model", "ranks": json.dumps(architecture["ranks"]),
+                    "builder_kwargs": json.dumps({"name": architecture["model"], "input_shape": architecture["input_shape"],
+                                                  "num_classes": architecture["num_classes"], **architecture["options"]})}
+    if not metadata.get("builder"):
+        raise ValueError("the file names no builder, so it cannot rebuild the network: save it with "
+                         "save_model(..., builder='module:function'), or load its tensors with safetensors")
+    module, _, function = metadata["builder"].partition(":")
+    return getattr(importlib.import_module(module), function), json.loads(metadata.get("builder_kwargs", "{}"))

@@ -17,7 +17,7 @@ step is
 When the ranks change, the second half runs eagerly (it makes new Parameters), the graphs are dropped, and
 the next step is taken eagerly once more (a warm-up) before graphs are captured for the new ranks. A graph
 keeps the Python numbers it was captured with, so everything of that kind that a step reads (ranks, learning
-rates, ϑ, rank bounds: `DLRTOptimizer.step_settings`) and the input shapes are the graphs' key. The first step
+rates, ϑ, rank bounds: `step_settings`) and the input shapes are the graphs' key. The first step
 at a new key is always eager, so a graph never captures lazily made state (momentum buffers, the bounds cache).
 
 Backends: `CudaGraphs` (torch.cuda.CUDAGraph, warm-up on a side stream) and `ReplayGraphs`, a CPU stand-in
@@ -34,8 +34,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import optim
-from .optim import DLRTOptimizer
+from .optim import LOW_RANK_KEYS, DLRTOptimizer
 
 
 class GraphedStep:
@@ -69,7 +68,7 @@ class GraphedStep:
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}  # steps by how graph 1's half was taken
 
     def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        return self.opt.step_settings(), x.shape, x.dtype, y.shape, y.dtype
+        return step_settings(self.opt), x.shape, x.dtype, y.shape, y.dtype
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gave_up:
@@ -111,11 +110,10 @@ class GraphedStep:
         return loss.detach(), output.detach()
 
     def _check_shortcuts(self) -> None:
-        factor = self.opt.layers[0].U if self.opt.layers else None
-        if factor is not None and optim.takes_host_checked_shortcuts(factor):
+        if self.opt.takes_checked_shortcuts():
             raise RuntimeError("the CPU's QR and SVD shortcuts check themselves on the host, which a graph cannot "
                                "do: graphed steps run the GPU's path (on a CPU only for tests, with "
-                               "dlrt.optim.takes_host_checked_shortcuts returning False)")
+                               "DLRTOptimizer(..., checked_shortcuts=False))")
 
     def _capture_first(self, x, y, key) -> None:
         self._drop()
@@ -142,12 +140,12 @@ class GraphedStep:
         plan = self._plan
         self.opt.decide_ranks(plan)
         if self._svds is not None:  # graph 2 reads the SVDs from where they were at its capture
-            for i, factors in plan.svds.items():
-                for static, fresh in zip(self._svds[i], factors):
-                    static.copy_(fresh)
-            plan.svds = self._svds
+            for step, static in zip(plan.steps, self._svds):
+                for into, fresh in zip(static, step.svd):
+                    into.copy_(fresh)
+                step.svd = static
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
-        old_ranks = [self.opt.layers[i].rank for i in plan.active]
+        old_ranks = [step.layer.rank for step in plan.steps]
         if new_ranks is not None and new_ranks != old_ranks:
             _put(self.opt, self._states_between)  # after a replay the dict holds the states graph 1 reads
             self.opt.finish_step(plan, new_ranks)  # new Parameters: these graphs are done
@@ -158,7 +156,7 @@ class GraphedStep:
             self._second.replay()
             return self._loss, self._output
         self._second = self.graphs.new_graph(shared_with=self._first)
-        self._svds = plan.svds
+        self._svds = [step.svd for step in plan.steps] if plan.new_ranks is not None else None
         try:
             with self._second.capture():
                 self.opt.finish_step(plan, new_ranks)
@@ -186,23 +184,33 @@ class GraphedStep:
         self._first = self._second = self._plan = self._svds = None
 
 
+def step_settings(opt: DLRTOptimizer) -> tuple:
+    """Every Python number a step reads: the method, the ranks and every param group's settings (learning rates,
+    ϑ, rank bounds, the update rule's). A graph keeps the numbers it was captured with, so it is captured anew
+    whenever this changes."""
+    plain = (int, float, bool, str, tuple, type(None))
+    groups = tuple(tuple(sorted((k, v) for k, v in group.items() if k not in LOW_RANK_KEYS and isinstance(v, plain)))
+                   + (len(group.get("layers", ())),) for group in opt.param_groups)
+    return opt.method, tuple(opt.ranks()), groups
+
+
 def _state_tensors(opt: DLRTOptimizer) -> dict:
-    return {(i, part, name): tensor for i, layer_state in enumerate(opt.layer_states)
+    return {(layer, part, name): tensor for layer, layer_state in opt.state.items()
             for part, entries in layer_state.items() for name, tensor in entries.items()}
 
 
 def _put(opt: DLRTOptimizer, states: dict) -> None:
-    for (i, part, name), tensor in states.items():
-        opt.layer_states[i][part][name] = tensor
+    for (layer, part, name), tensor in states.items():
+        opt.state[layer][part][name] = tensor
 
 
 def _copy_back(opt: DLRTOptimizer, before: dict) -> None:
     """Put each state's new value into the tensor it had before the step (same shape at unchanged ranks)."""
-    for (i, part, name), old in before.items():
-        new = opt.layer_states[i][part][name]
+    for (layer, part, name), old in before.items():
+        new = opt.state[layer][part][name]
         if new is not old:
             old.copy_(new)
-            opt.layer_states[i][part][name] = old
+            opt.state[layer][part][name] = old
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ integrators need, all taken at the current weight W0 with G = dL/dW:
     S.grad = U^T G V  (the S-step gradient in the current basis)
 
 These are linear in G, so gradient accumulation and data-parallel averaging work on them as on
-ordinary gradients. When `keep_step_inputs` is set (by the rank-adaptive optimizer), the backward
-also keeps what it needs to form Ũ^T G Ṽ for bases Ũ, Ṽ chosen only after the backward
-(`project_gradient`). That is what makes the rank-adaptive step a single forward/backward.
+ordinary gradients. A layer whose `step_inputs` is a StepInputs (DLRTOptimizer gives one to each layer it
+trains by a method that needs it) also records, in every backward, the input x and the output gradient dy:
+from them `project_gradient` forms Ũ^T G Ṽ for bases Ũ, Ṽ chosen only after the backward. That is what
+makes the rank-adaptive step a single forward/backward.
 
 The layers know nothing of training: the optimizer swaps in new factors with `set_factors`.
 """
@@ -73,6 +74,27 @@ def _orthonormal_factors(weight: torch.Tensor, rank: int):
     return U[:, :rank], torch.diag(sigma[:rank]), V[:, :rank]
 
 
+class StepInputs:
+    """What a layer's backward records for project_gradient: (x, dy) of each backward pass of the current step.
+
+    The records of a step start afresh in two ways, both explicit: `clear()` (DLRTOptimizer.zero_grad calls it),
+    and a backward that finds the layer's U.grad None, i.e. after any zero_grad that set gradients to None
+    (model.zero_grad() too). A zero_grad(set_to_none=False) other than the optimizer's leaves them: call
+    clear() then. Several backwards between zero_grads accumulate, as their gradients do.
+    """
+
+    def __init__(self):
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(self, layer: "_LowRankLayer", x: torch.Tensor, dy: torch.Tensor) -> None:
+        if layer.U.grad is None:  # the gradients were set to None since the last backward: a new step
+            self.records.clear()
+        self.records.append((x, dy))
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
 def _in_forward_precision(saved, dy):
     """The backward computes in the forward's precision (bf16 under autocast, where h came out in bf16);
     autograd returns the gradients of the float32 factors in float32."""
@@ -104,8 +126,7 @@ class _LowRankLayer(nn.Module):
         self.S = nn.Parameter(S.contiguous())
         self.V = nn.Parameter(V.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.keep_step_inputs = False
-        self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.step_inputs: StepInputs | None = None  # None: the backward keeps nothing
 
     @property
     def rank(self) -> int:
@@ -135,27 +156,20 @@ class _LowRankLayer(nn.Module):
             else:
                 setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=param.requires_grad))
 
-    # --- the inputs kept by the backward for the rank-adaptive S-step --------------------------
-
-    def _remember_step_inputs(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        if self.U.grad is None:  # gradients were zeroed since the last backward: start afresh
-            self._step_inputs.clear()
-        self._step_inputs.append((x, grad_out))
-
-    def clear_step_inputs(self) -> None:
-        self._step_inputs.clear()
+    # --- the inputs recorded by the backward for the rank-adaptive S-step ---------------------
 
     def project_gradient(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """left^T G right for the G of the backward passes since the last zero_grad.
+        """left^T G right for the G of the backward passes recorded in `step_inputs`.
 
-        Needs `keep_step_inputs`; costs a projection of the kept input and output gradient, never G.
+        Costs a projection of each recorded input and output gradient, never G.
         """
-        if not self._step_inputs:
+        if self.step_inputs is None or not self.step_inputs.records:
             raise RuntimeError(
-                "project_gradient needs the inputs kept by a backward pass: set keep_step_inputs "
-                "(DLRTOptimizer does so for method='adaptive') and call backward() first"
+                "project_gradient needs the inputs recorded by a backward pass: give the layer a StepInputs "
+                "(layer.step_inputs = StepInputs(); DLRTOptimizer does so for method='adaptive') and call "
+                "backward() first"
             )
-        return sum(self._project(x, dy, left, right) for x, dy in self._step_inputs)
+        return sum(self._project(x, dy, left, right) for x, dy in self.step_inputs.records)
 
     # --- state_dict at whatever rank it was saved ----------------------------------------------
 
@@ -199,8 +213,8 @@ class _LowRankLinearFunction(torch.autograd.Function):
         grad_V = x.T @ dz if needs_V else None  # G^T U
         grad_S = dz.T @ h if needs_S else None  # U^T G V
         grad_b = dy.sum(0) if ctx.has_bias else None
-        if ctx.layer.keep_step_inputs:
-            ctx.layer._remember_step_inputs(x, dy)
+        if ctx.layer.step_inputs is not None:
+            ctx.layer.step_inputs.record(ctx.layer, x, dy)
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 
@@ -282,8 +296,8 @@ class _LowRankConv2dFunction(torch.autograd.Function):
             grad_V = conv2d_weight(x, (V.shape[1], *layer._kernel_shape), dz.view(h.shape), layer.stride,
                                    layer.padding, layer.dilation).reshape(V.shape[1], -1).T  # G^T U
         grad_b = dy.sum((0, 2, 3)) if ctx.has_bias else None
-        if layer.keep_step_inputs:
-            layer._remember_step_inputs(x, dy)
+        if layer.step_inputs is not None:
+            layer.step_inputs.record(layer, x, dy)
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 

@@ -28,9 +28,10 @@ class SGDRule:
     """direction = g, or with momentum mu: buf = mu * buf + g; direction = buf (torch.optim.SGD)."""
 
     def __init__(self, momentum: float = 0.0):
-        if momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.momentum = momentum
+        self.state_keys = ("momentum",) if momentum else ()
 
     def init_state(self, like: torch.Tensor, rows_share_state: bool = False) -> dict:
         return {"momentum": torch.zeros_like(like)} if self.momentum else {}
@@ -60,7 +61,13 @@ class AdamRule:
     (1 x r) that broadcasts, which saves half the work of moving Adam's state.
     """
 
+    state_keys = ("exp_avg", "exp_avg_sq", "mass", "mass_sq")
+
     def __init__(self, betas=(0.9, 0.999), eps: float = 1e-8):
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)!r}")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
         self.beta1, self.beta2 = betas
         self.eps = eps
 

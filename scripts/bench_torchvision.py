@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer, low_rank_layers
 from dlrt.metrics import parameter_report
-from dlrt.models import build_model
+from dlrt.experiments.models import build_model
 
 
 def step_ms(model, opt, batch, steps):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer
-from dlrt.data import iterate_batches, load_data
-from dlrt.models import build_model
+from dlrt.experiments.data import iterate_batches, load_data
+from dlrt.experiments.models import build_model
 
 
 def main() -> None:

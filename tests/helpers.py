@@ -44,7 +44,15 @@ def compose_config(overrides: list[str]):
     """dlrt-run's resolved config for these overrides, as Hydra composes it."""
     from hydra import compose, initialize_config_dir
 
-    from dlrt.cli import CONFIG_DIR
+    from dlrt.experiments.cli import CONFIG_DIR, register
+
+    register()
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def pin_ranks(opt, r_min: list[int], r_max: list[int]) -> None:
+    """Per-layer rank bounds (each layer then has a param group of its own)."""
+    for layer, low, high in zip(opt.layers, r_min, r_max):
+        opt.set_rank_bounds(layer, low, high)

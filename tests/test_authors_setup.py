@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from dlrt import DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers
 from dlrt.layers import sorted_half_normal
-from dlrt.models import build_model
+from dlrt.experiments.models import build_model
 
 
 def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,13 +102,10 @@ def test_sorted_half_normal_keeps_the_largest():
 
 
 def authors_baseline(spectrum: str = "pow10"):
-    from dlrt.train import make_model, make_optimizer
+    from dlrt.experiments.runtime import make_model, make_optimizer
+    from helpers import compose_config
 
-    cfg = OmegaConf.create({"model": {"name": "lenet5", "rank": 20, "init": "authors", "spectrum": spectrum},
-                            "method": {"name": "vanilla_frozen_convs", "absolute_tau": False, "r_min": 2, "r_max": None,
-                                       "state_policy": "project"},
-                            "optim": {"name": "sgd", "momentum": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
-                            "lr": 0.01, "tau": 0.0, "svd_on": "auto"})
+    cfg = compose_config(["experiment=dlrt_vs_uv_authors", "method=vanilla_frozen_convs", f"model.spectrum={spectrum}"])
     torch.manual_seed(0)
     model = make_model(cfg, (1, 28, 28), 10)
     return model, make_optimizer(cfg, model, "vanilla_frozen_convs")
@@ -140,7 +136,7 @@ def test_authors_uv_baseline_keeps_the_convs_undecayed_and_decays_fc1():
 
 
 def test_authors_baseline_needs_their_init_and_a_spectrum():
-    from dlrt.train import ConfigError, validate
+    from dlrt.experiments.validate import ConfigError, validate
     from helpers import compose_config
 
     with pytest.raises(ConfigError, match="model.init=authors"):
@@ -151,7 +147,7 @@ def test_authors_baseline_needs_their_init_and_a_spectrum():
 
 
 def test_train_test_split_has_no_validation_set_and_the_paper_splits_test_set():
-    from dlrt.data import _split_official
+    from dlrt.experiments.data.arrays import _split_official
 
     labels = torch.arange(70_000) % 10
     raw = {"train_x": torch.arange(60_000).view(-1, 1, 1).expand(-1, 28, 28).to(torch.uint8), "train_y": labels[:60_000],

@@ -8,7 +8,7 @@ from torch import nn
 
 from dlrt import DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers, merge
 from dlrt.metrics import dense_reference, weight_shapes
-from dlrt.models import build_model
+from dlrt.experiments.models import build_model
 
 
 def weight_count(model):
@@ -77,7 +77,7 @@ def test_one_dlrt_step_of_the_paper_nets(name, input_shape, num_classes, batch_s
     opt.step()
     assert torch.isfinite(loss)
     assert all(bn.num_batches_tracked.item() == 1 for bn in batchnorms)  # one forward per batch
-    for layer, r_max in zip(low_rank_layers(model), opt._r_max):
+    for layer, (_, r_max) in zip(low_rank_layers(model), opt.rank_bounds()):
         assert 2 <= layer.rank <= r_max
     if input_shape[1] == 224:  # the ImageNet variants are torchvision's nets, full-rank counts unchanged
         assert dense_reference(weight_shapes(model)) == weight_count(torch_reference)

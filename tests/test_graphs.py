@@ -7,21 +7,20 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-import dlrt.train
-from dlrt import DLRTOptimizer
+import dlrt.experiments.runtime
 from dlrt import optim as dlrt_optim
-from dlrt.cli import CONFIG_DIR
+from dlrt.experiments.run_folder import RunFolder
+from dlrt.experiments import train as trainer
+from dlrt.experiments.validate import ConfigError, validate
 from dlrt.graphs import GraphedStep, ReplayGraph, ReplayGraphs
 
-from helpers import batch_for, seeded, small_cnn, small_mlp
+from helpers import batch_for, compose_config, pin_ranks, seeded, small_cnn, small_mlp
 
 
-@pytest.fixture(autouse=True)
-def gpu_path(monkeypatch):
-    """Graphs need the GPU's code path (no host-checked shortcuts)."""
-    monkeypatch.setattr(dlrt_optim, "takes_host_checked_shortcuts", lambda factor: False)
+def DLRTOptimizer(model, **kwargs):
+    """Graphs need the GPU's code path: no host-checked shortcuts."""
+    return dlrt_optim.DLRTOptimizer(model, **{"checked_shortcuts": False, **kwargs})
 
 
 def test_replay_recomputes_from_the_captured_tensors_and_keeps_python_numbers():
@@ -80,7 +79,7 @@ def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: i
             for group in opt.param_groups:
                 group["lr"] *= 0.5
         if n == grow_ranks_at:
-            opt._r_max = [r + 1 for r in opt.ranks()]
+            pin_ranks(opt, opt.ranks(), [r + 1 for r in opt.ranks()])
         losses.append(step(x, y)[0].item() if graphed else eager_step(model, opt, x, y))
         ranks.append(opt.ranks())
     return losses, ranks
@@ -101,7 +100,7 @@ def test_graphed_steps_train_exactly_like_eager_steps(factory, method, optimizer
     for graphed in (False, True):
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, **kwargs)
-        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        pin_ranks(opt, opt.ranks(), opt.ranks())
         runs[graphed] = (copy_, *train(copy_, opt, batches, graphed, halve_lr_at=7, grow_ranks_at=grow_ranks_at))
     (eager, eager_losses, eager_ranks), (graphed, graphed_losses, graphed_ranks) = runs[False], runs[True]
     assert graphed_ranks == eager_ranks
@@ -120,7 +119,7 @@ def test_a_batch_of_another_shape_between_graphed_steps_is_taken_eagerly():
     for graphed in (False, True):
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, lr=0.05, tau=0.2, momentum=0.9)
-        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        pin_ranks(opt, opt.ranks(), opt.ranks())
         runs[graphed] = (copy_, *train(copy_, opt, batches, graphed, halve_lr_at=-1, grow_ranks_at=None))
     torch.testing.assert_close(runs[True][1], runs[False][1])
     for p, q in zip(runs[True][0].parameters(), runs[False][0].parameters()):
@@ -130,7 +129,7 @@ def test_a_batch_of_another_shape_between_graphed_steps_is_taken_eagerly():
 def test_the_output_is_returned_and_a_failing_loss_check_stops_before_the_update():
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.05)
-    opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+    pin_ranks(opt, opt.ranks(), opt.ranks())
     seen = []
     step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs(), check_loss=lambda loss: seen.append(loss.item()))
     x, y = batch_for(model)
@@ -158,16 +157,16 @@ def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, lr=0.05 if optimizer == "sgd" else 1e-2, tau=0.0, optimizer=optimizer, momentum=0.9)
         start = opt.ranks()
-        opt._r_min, opt._r_max = list(start), list(start)
+        pin_ranks(opt, start, start)
         step = GraphedStep(copy_, opt, F.cross_entropy, graphs=ReplayGraphs())
         losses = []
         for n, (x, y) in enumerate(batches):
             if n == 4:
                 if graphed:
                     assert step._second is not None  # graphs are being replayed
-                    opt._bounds_cache[2].add_(1)
+                    opt._settings_cache[1][3].add_(1)
                 else:
-                    opt._r_max = [r + 1 for r in start]
+                    pin_ranks(opt, start, [r + 1 for r in start])
             losses.append(step(x, y)[0].item() if graphed else eager_step(copy_, opt, x, y))
         assert opt.ranks() == [r + 1 for r in start]
         runs[graphed] = (copy_, losses)
@@ -179,7 +178,7 @@ def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
 def test_graphs_are_replayed_at_unchanged_ranks_and_dropped_when_they_change():
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.05, tau=0.2)
-    opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+    pin_ranks(opt, opt.ranks(), opt.ranks())
     step = GraphedStep(model, opt, F.cross_entropy, graphs=ReplayGraphs())
     x, y = batch_for(model)
     step(x, y)  # eager warm-up
@@ -189,7 +188,7 @@ def test_graphs_are_replayed_at_unchanged_ranks_and_dropped_when_they_change():
     step(x, y)
     assert step._first is first and step._second is not None  # replayed, not captured again
     assert step.counts == {"eager": 1, "captured": 1, "replayed": 1}
-    opt._r_max = [r + 1 for r in opt.ranks()]  # let the ranks grow: a new key after this step
+    pin_ranks(opt, opt.ranks(), [r + 1 for r in opt.ranks()])  # let the ranks grow: a new key after this step
     for _ in range(3):
         step(x, y)
     assert step._first is not first
@@ -207,7 +206,7 @@ def test_a_capture_that_fails_raises_or_falls_back_to_eager_steps():
     def fresh():
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, lr=0.05, tau=0.2, momentum=0.9)
-        opt._r_min, opt._r_max = list(opt.ranks()), list(opt.ranks())
+        pin_ranks(opt, opt.ranks(), opt.ranks())
         return copy_, opt
 
     eager_model, eager_opt = fresh()
@@ -233,10 +232,10 @@ def test_fixed_rank_steps_cannot_be_graphed():
         GraphedStep(model, DLRTOptimizer(model, lr=0.1, method="fixed"), F.cross_entropy, graphs=ReplayGraphs())
 
 
-def test_the_cpu_shortcuts_are_refused(monkeypatch):
-    monkeypatch.setattr(dlrt_optim, "takes_host_checked_shortcuts", lambda factor: True)
+def test_the_cpu_shortcuts_are_refused():
     model = seeded(small_mlp)
-    step = GraphedStep(model, DLRTOptimizer(model, lr=0.05), F.cross_entropy, graphs=ReplayGraphs())
+    step = GraphedStep(model, DLRTOptimizer(model, lr=0.05, checked_shortcuts=True), F.cross_entropy,
+                       graphs=ReplayGraphs())
     x, y = batch_for(model)
     step(x, y)
     with pytest.raises(RuntimeError, match="shortcuts"):
@@ -280,25 +279,22 @@ def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeyp
     assert "crossover (adaptive_graphed, train)" in (tmp_path / "timing_study.txt").read_text()
 
 
-def compose_config(*overrides):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch, capsys):
     """The trainer with cuda_graphs=true, on the CPU stand-in: the same epochs as without, batch for batch
     (700 samples in batches of 128: five full batches, graphed after the first, and a smaller last one)."""
     replays = []
-    monkeypatch.setattr(dlrt.train, "graphs_backend", lambda device: ReplayGraphs())
+    monkeypatch.setattr(dlrt.experiments.runtime, "CudaGraphs", ReplayGraphs)
     monkeypatch.setattr(ReplayGraph, "replay", lambda self, original=ReplayGraph.replay: replays.append(1) or original(self))
     epochs = {}
     for graphs in (False, True):
         overrides = ["data=synthetic", "data.n_train=700", "data.n_val=64", "data.n_test=64", "epochs=2",
                      "progress=false", "tau=0.3", "optim.momentum=0.9", "model.rank=4", "method.r_min=4",
                      "method.r_max=4", f"cuda_graphs={str(graphs).lower()}"]  # pinned ranks: graphs replayed
-        cfg = compose_config(*overrides)
-        dlrt.train.validate(cfg)
-        dlrt.train.train(cfg, tmp_path / str(graphs))
+        cfg = compose_config(overrides)
+        validate(compose_config(overrides[:-1]))  # all but cuda_graphs, which a CPU refuses
+        folder = RunFolder(tmp_path / str(graphs))
+        with folder.claim():
+            trainer.train(cfg, folder)
         epochs[graphs] = pd.read_csv(tmp_path / str(graphs) / "epochs.csv")
         assert ("CUDA graphs so far" in capsys.readouterr().err) == graphs  # the epoch lines count the steps
     assert replays  # some steps were replayed
@@ -309,6 +305,6 @@ def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch, ca
 def test_cuda_graphs_are_refused_where_they_cannot_work():
     for overrides, message in ((["method=fixed"], "method=fixed"), (["precision=bf16"], "precision=fp32"),
                                (["device=cpu"], "needs a CUDA device")):
-        cfg = compose_config("cuda_graphs=true", *overrides)
-        with pytest.raises(dlrt.train.ConfigError, match=message):
-            dlrt.train.validate(cfg)
+        cfg = compose_config(["cuda_graphs=true", *overrides])
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlrt import LowRankConv2d, LowRankLinear
+from dlrt.layers import StepInputs
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def test_project_gradient_is_left_G_right(make):
     layer = make().double()
     x = torch.randn(4, 12) if isinstance(layer, LowRankLinear) else torch.randn(4, 2, 6, 6)
     x = x.double()
-    layer.keep_step_inputs = True
+    layer.step_inputs = StepInputs()
     W = layer.dense_weight().detach().requires_grad_()
     loss_fn = lambda y: (y**2).sum()
     for _ in range(2):  # two backwards accumulate, like .grad
@@ -153,10 +154,10 @@ def test_bf16_autocast_keeps_factors_and_their_gradients_in_float32():
     layers = [LowRankLinear(30, 20, 5), LowRankConv2d(3, 8, 3, 4, padding=1)]
     inputs = [torch.randn(16, 30), torch.randn(4, 3, 8, 8)]
     for layer, x in zip(layers, inputs):
-        layer.keep_step_inputs = True
+        layer.step_inputs = StepInputs()
         layer(x).square().sum().backward()
         reference = [p.grad.clone() for p in (layer.U, layer.S, layer.V)]
-        layer.zero_grad(), layer.clear_step_inputs()
+        layer.zero_grad(), layer.step_inputs.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)
         assert y.dtype == torch.bfloat16

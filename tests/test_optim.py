@@ -10,21 +10,21 @@ from torch import nn
 
 from dlrt import METHODS, DLRTOptimizer, LowRankLinear, low_rank_layers
 from dlrt.integrators import truncation_ranks
-from dlrt.optim import HOST_SVD_MAX_SIZE, StepPlan
+from dlrt.functional import StepPlan
+from dlrt.optim import HOST_SVD_MAX_SIZE
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
 
 
 def train_step(model, opt, x, y):
+    """One step as torch documents it: the optimizer calls the closure (twice for method='fixed')."""
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    loss = closure()
-    opt.step(closure)
-    return loss.item()
+    return opt.step(closure).item()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -204,8 +204,7 @@ def test_svds_on_the_host_give_the_steps_of_svds_on_the_device(method):
 
 def test_svd_on_auto_takes_the_host_for_small_cores_of_a_gpu_step_only():
     def plan(is_cuda, *sizes):
-        return StepPlan(active=list(range(len(sizes))),
-                        cores={i: SimpleNamespace(is_cuda=is_cuda, shape=(k, k)) for i, k in enumerate(sizes)})
+        return StepPlan([SimpleNamespace(core=SimpleNamespace(is_cuda=is_cuda, shape=(k, k))) for k in sizes])
 
     opt = DLRTOptimizer(seeded(small_mlp), lr=0.1)
     assert opt.svd_on == "auto"
@@ -224,7 +223,8 @@ def test_state_policies_give_states_of_the_new_rank(policy):
     opt = DLRTOptimizer(model, lr=2.0, tau=0.05, momentum=0.9, state_policy=policy)
     for step in range(3):
         train_step(model, opt, *batch_for(model, seed=step))
-        for layer, state in zip(low_rank_layers(model), opt.layer_states):
+        for layer in low_rank_layers(model):
+            state = opt.state[layer]
             assert state["K"]["momentum"].shape == layer.U.shape
             assert state["L"]["momentum"].shape == layer.V.shape
             assert state["S"]["momentum"].shape == layer.S.shape
@@ -235,7 +235,8 @@ def test_project_policy_carries_momentum_as_a_w_space_matrix():
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.5, tau=0.0, momentum=0.9)
     train_step(model, opt, *batch_for(model))
-    layer, state = low_rank_layers(model)[0], opt.layer_states[0]
+    layer = low_rank_layers(model)[0]
+    state = opt.state[layer]
     before = layer.U @ state["S"]["momentum"] @ layer.V.T
     opt.param_groups[0]["lr"] = 0.0
     x, y = batch_for(model, seed=1)
@@ -267,7 +268,10 @@ def test_dense_optimizer_can_be_chosen_and_schedulers_drive_both():
     (dict(optimizer="rmsprop"), "sgd, adam"),
     (dict(state_policy="forget"), "project, keep, reset"),
     (dict(lr=-1.0), "lr must be"),
-    (dict(r_min=5, r_max=3), "r_min <= r_max"),
+    (dict(r_min=5, r_max=3), "r_max must be None or an integer >= r_min = 5"),
+    (dict(r_min=0), "r_min must be an integer >= 1"),
+    (dict(momentum=-1.0), r"momentum must be a number in \[0, 1\)"),
+    (dict(optimizer="adam", betas=(2.0, 0.0)), r"betas must be two numbers in \[0, 1\)"),
     (dict(svd_on="gpu"), "auto, device, host"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
@@ -297,7 +301,6 @@ def test_fixed_method_second_pass_takes_only_the_s_gradients_and_unfreezes_after
         seen.append([(layer.U.grad is None, layer.V.grad is None, layer.S.grad is None) for layer in opt.layers])
         return loss
 
-    closure()
     opt.step(closure)
     assert seen == [[(False, False, False)] * 2, [(True, True, False)] * 2]  # first pass, second pass
     assert all(p.requires_grad for layer in opt.layers for p in (layer.U, layer.S, layer.V))
@@ -307,10 +310,16 @@ def test_fixed_method_unfreezes_the_factors_when_the_second_pass_fails():
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.1, method="fixed")
     x, y = batch_for(model)
-    F.cross_entropy(model(x), y).backward()
+    calls = []
 
     def failing_closure():
-        raise RuntimeError("data loader died")
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("data loader died")
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
 
     with pytest.raises(RuntimeError, match="data loader died"):
         opt.step(failing_closure)

@@ -11,13 +11,17 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
-from hydra import compose, initialize_config_dir
 
-import dlrt.train
-from dlrt.cli import CONFIG_DIR
-from dlrt.data import DataSplits, Split
-from dlrt.export import export_run, load_exported
-from dlrt.train import TrainingDiverged, configure_cpu, evaluate, load_device_data, train
+import dlrt.experiments.data
+from dlrt.experiments.data import DataError, DataSplits, load_device_data
+from dlrt.experiments.data.arrays import Split
+from dlrt.export import load_exported
+from dlrt.experiments.export import export_run
+from dlrt.experiments.run_folder import RunFolder, RunFolderError
+from dlrt.experiments.runtime import configure_cpu
+from dlrt.experiments.train import TrainingDiverged, evaluate, train
+
+from helpers import compose_config
 
 SMALL = ["data=synthetic", "data.n_train=2048", "data.n_val=256", "data.n_test=256", "model.rank=4",
          "progress=false", "threads=1"]
@@ -70,13 +74,19 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, how):
 
 
 def compose_cfg(*overrides, small=True):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*(SMALL if small else []), *overrides])
+    return compose_config([*(SMALL if small else []), *overrides])
+
+
+def train_into(cfg, path: Path) -> dict:
+    """What dlrt-run does with a run folder: claim it, then train into it."""
+    folder = RunFolder(path)
+    with folder.claim():
+        return train(cfg, folder)
 
 
 def test_nan_in_the_data_marks_the_run_failed(tmp_path, monkeypatch):
     cfg = compose_cfg("epochs=3")
-    real_load = dlrt.train.load_data
+    real_load = dlrt.experiments.data.load_data
 
     def poisoned(*args, **kwargs):
         data = real_load(*args, **kwargs)
@@ -84,9 +94,10 @@ def test_nan_in_the_data_marks_the_run_failed(tmp_path, monkeypatch):
         x[1000:1100] = float("nan")  # some batch of the first epoch
         return DataSplits(Split(x, data.train.y), data.val, data.test, data.input_shape, data.num_classes)
 
-    monkeypatch.setattr(dlrt.train, "load_data", poisoned)
-    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
-        train(cfg, tmp_path / "run")
+    monkeypatch.setattr(dlrt.experiments.data, "load_data", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1; no epoch had finished, so there is no "
+                                               "checkpoint"):
+        train_into(cfg, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "nan" in summary["reason"]
 
@@ -95,7 +106,7 @@ def test_nan_in_the_data_marks_the_run_failed(tmp_path, monkeypatch):
 def test_export_round_trip_in_both_formats(tmp_path, precision):
     cfg = compose_cfg("epochs=2", "tau=0.2", f"precision={precision}")
     run_dir = tmp_path / "run"
-    summary = train(cfg, run_dir)
+    summary = train_into(cfg, run_dir)
     data = load_device_data(cfg, torch.device("cpu"))
     sizes = {}
     for fmt in ("factored", "dense"):
@@ -112,12 +123,12 @@ def test_export_round_trip_in_both_formats(tmp_path, precision):
     ("imagenet", "ImageFolder layout"),
 ])
 def test_missing_data_roots_say_how_to_get_the_data(tmp_path, monkeypatch, data, message):
-    monkeypatch.setattr("dlrt.data.FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("dlrt.experiments.data.arrays.FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     cfg = compose_cfg(f"data={data}", f"data.root={tmp_path / 'empty'}", small=False)
     if data == "imagenet":
         cfg.model.name = "resnet50"  # any model: the data fail first
-    with pytest.raises(dlrt.data.DataError, match=message):
-        train(cfg, tmp_path / "run")
+    with pytest.raises(DataError, match=message):
+        train_into(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -125,13 +136,13 @@ def test_a_corrupt_checkpoint_is_reported_not_trained_over(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(dlrt.train.CheckpointError, match="delete it to start this run afresh"):
-        train(compose_cfg("epochs=1"), run_dir)
+    with pytest.raises(RunFolderError, match="delete it to start this run afresh"):
+        train_into(compose_cfg("epochs=1"), run_dir)
     assert (run_dir / "checkpoint.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_export_of_a_folder_that_is_no_run(tmp_path):
-    from dlrt.export import main
+    from dlrt.experiments.export import main
 
     assert main([str(tmp_path)]) == 2
 

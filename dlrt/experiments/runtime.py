@@ -1,0 +1,168 @@
+"""What a run is made of, from its config: the device and the workers, the model, the optimizer, the scheduler,
+the graphed step. The training loop (dlrt.experiments.train) takes these and knows nothing of how they were made.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from dlrt import DLRTOptimizer, LowRankConv2d, low_rank_layers
+from dlrt.graphs import CudaGraphs, GraphedStep
+
+from .models import build_model, set_spectrum
+
+# Methods of the runner that DLRTOptimizer knows by another name: the dense net's parameters are stepped by its
+# dense optimizer; the authors' U V^T baseline is vanilla training with the convs frozen (make_model).
+OPTIMIZER_METHOD = {"dense": "adaptive", "vanilla_frozen_convs": "vanilla"}
+FINETUNE_AFTER = ("adaptive", "parallel")  # the methods a fine-tuning phase follows
+
+
+# --- device and workers -----------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if there is one; under torchrun each worker takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Workers:
+    """This process's place in a data-parallel run (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batches: Iterable) -> Iterable:
+        """Every worker draws the same global batch (same seed) and trains on its own slice of it."""
+        for x, y in batches:
+            yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+
+    def total(self, *values: float) -> list[float]:
+        """Sums over the workers (for losses and counts that each worker has for its own shard)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def init_workers(device: torch.device) -> Workers:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Workers()
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Workers(dist.get_rank(), dist.get_world_size())
+
+
+def configure_cpu(cfg: DictConfig) -> None:
+    """torch's CPU threads, and whether subnormal floats are flushed to zero."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # Subnormal floats (below 1.2e-38) take a slow path on x86 CPUs: once a dense FC net's training loss
+    # neared 0, its epochs slowed from about 3 to 11 s. Flushing them changes only values below 1.2e-38.
+    torch.set_flush_denormal(bool(cfg.flush_denormal))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for forward and loss; the DLRT step (QR, SVD, truncation) always runs in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batches"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- model, optimizer, scheduler --------------------------------------------------------------
+
+
+def make_model(cfg: DictConfig, input_shape, num_classes: int):
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("name", "rank")}
+    rank = cfg.model.rank
+    rank = list(rank) if OmegaConf.is_list(rank) else rank
+    model = build_model(cfg.model.name, input_shape, num_classes, low_rank=cfg.method.name != "dense", rank=rank,
+                        **options)
+    if cfg.method.name == "vanilla_frozen_convs" and not next(model.parameters()).is_meta:
+        freeze_convs_as_authors(model)
+    return model
+
+
+@torch.no_grad()
+def freeze_convs_as_authors(model) -> None:
+    """The published U V^T baseline (UV_vanilla/my_conv_vanilla.py): each low-rank conv's factors are built from
+    √s of the sorted |N(0,1)| draws *before* the decay is applied, with requires_grad=False. So its convs are frozen
+    random features at an undecayed spectrum, and only the linear layers' factors (and every bias) train."""
+    convs = [layer for layer in low_rank_layers(model) if isinstance(layer, LowRankConv2d)]
+    set_spectrum(model, "one", "authors", layers=convs)
+    for layer in convs:
+        for factor in (layer.U, layer.S, layer.V):
+            factor.requires_grad_(False)
+
+
+def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
+    """The optimizer of one phase: `method` is cfg.method.name, or finetune.method for the fine-tuning phase."""
+    group = cfg.method
+    rule = cfg.optim
+    return DLRTOptimizer(
+        model, lr=cfg.lr, tau=cfg.tau, method=OPTIMIZER_METHOD.get(method, method), optimizer=rule.name,
+        momentum=rule.get("momentum", 0.0), betas=tuple(rule.get("betas", (0.9, 0.999))), eps=rule.get("eps", 1e-8),
+        absolute_tau=group.get("absolute_tau", False), r_min=group.get("r_min", 2), r_max=group.get("r_max"),
+        state_policy=group.get("state_policy", "project"), svd_on=cfg.svd_on,
+        checked_shortcuts=False if cfg.cuda_graphs else None,  # a graph cannot hold their host-side checks
+    )
+
+
+def make_scheduler(cfg: DictConfig, optimizer: DLRTOptimizer):
+    """ReduceLROnPlateau on the validation loss, stepped once per epoch (the paper's ImageNet protocol)."""
+    if cfg.scheduler.name == "none":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.scheduler.factor, patience=cfg.scheduler.patience)
+
+
+def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer) -> GraphedStep | None:
+    """The CUDA-graphed training step when cuda_graphs=true and the optimizer's method can be graphed (a fixed
+    fine-tuning phase runs eagerly)."""
+    if not cfg.cuda_graphs or optimizer.method == "fixed":
+        return None
+    # a capture that fails (an operation this torch cannot capture) must not end the run: eager from there on
+    return GraphedStep(model, optimizer, F.cross_entropy, graphs=CudaGraphs(), on_failure="eager")
+
+
+def phases(cfg: DictConfig) -> list[tuple[str, str, int]]:
+    """(phase, method, epochs) of the run: the training phase, and the fine-tuning phase where there is one."""
+    method = cfg.method.name
+    finetune = cfg.finetune.epochs if method in FINETUNE_AFTER else 0
+    return [("train", method, cfg.epochs)] + ([("finetune", str(cfg.finetune.method), finetune)] if finetune else [])

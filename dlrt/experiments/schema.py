@@ -1,0 +1,214 @@
+"""The schema of dlrt-run's config: every key, its type and its choices, as structured configs.
+
+The top level (RunSchema) is the base of conf/config.yaml, so Hydra checks its keys while it composes. A group's
+node (model, data, method, optim) is checked against the schema of the option it names (`group_schema`) by
+dlrt.experiments.validate, which also checks what no schema can say (ranges, keys that depend on each other),
+all before any work. A key that no part of the run reads is refused either way. The recipe values (epochs, lr,
+...) come from dlrt.experiments.protocols through the `dlrt.protocol` and `dlrt.default_lr` resolvers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from . import protocols
+
+
+class Selection(StrEnum):
+    min_val_loss = "min_val_loss"  # the paper's LeNet5 rule
+    final = "final"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class SvdOn(StrEnum):
+    auto = "auto"
+    device = "device"
+    host = "host"
+
+
+class Scheduler(StrEnum):
+    none = "none"
+    plateau = "plateau"
+
+
+class FinetuneMethod(StrEnum):
+    fixed = "fixed"
+    s_only = "s_only"
+
+
+class Init(StrEnum):
+    svd = "svd"
+    authors = "authors"
+
+
+class Spectrum(StrEnum):
+    one = "one"
+    pow2 = "pow2"
+    pow10 = "pow10"
+
+
+class Split(StrEnum):
+    standard = "standard"
+    paper = "paper"
+    train_test = "train_test"
+
+
+class StatePolicy(StrEnum):
+    project = "project"
+    keep = "keep"
+    reset = "reset"
+
+
+def _recipe(key: str) -> str:
+    return f"${{dlrt.protocol:${{model.name}},{key}}}"
+
+
+# --- the groups -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    rank: Any = None  # null: ⌊min(n,m)/2⌋ per layer; an int caps every layer; a fraction; a list per layer
+    init: Init = Init.svd
+    spectrum: Optional[Spectrum] = None
+
+
+@dataclass
+class FCModelSchema(ModelSchema):
+    width: int = 500
+
+
+@dataclass
+class ArrayDataSchema:  # mnist, fashion_mnist: one tensor on the device
+    name: str = MISSING
+    root: str = "data"
+    split: Split = _recipe("split")  # type: ignore[assignment]
+    subset: Optional[int] = None
+
+
+@dataclass
+class SyntheticDataSchema:
+    name: str = "synthetic"
+    subset: Optional[int] = None
+    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = 10
+    n_train: int = 512
+    n_val: int = 128
+    n_test: int = 128
+    noise: float = 0.5
+
+
+@dataclass
+class ImageDataSchema:  # cifar10, imagenet: image folders read by DataLoader workers
+    name: str = MISSING
+    root: str = "data"
+    subset: Optional[int] = None
+    workers: int = 4
+
+
+@dataclass
+class MethodSchema:  # dense, vanilla, vanilla_frozen_convs: no truncation, no basis rotation
+    name: str = MISSING
+
+
+@dataclass
+class FixedMethodSchema(MethodSchema):  # rotates its bases: its optimizer state follows a policy
+    state_policy: StatePolicy = StatePolicy.project
+
+
+@dataclass
+class AdaptiveMethodSchema(FixedMethodSchema):  # adaptive, parallel
+    absolute_tau: bool = False
+    r_min: int = 2
+    r_max: Optional[int] = None  # null: ⌊min(n,m)/2⌋ per layer
+
+
+@dataclass
+class SGDSchema:
+    name: str = "sgd"
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamSchema:
+    name: str = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+# --- the whole config -------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerSchema:
+    name: Scheduler = Scheduler.none  # plateau: ReduceLROnPlateau on the validation loss, once per epoch
+    factor: float = 0.1
+    patience: int = 10
+
+
+@dataclass
+class FinetuneSchema:
+    method: FinetuneMethod = FinetuneMethod.fixed
+    epochs: int = _recipe("finetune_epochs")  # type: ignore[assignment]
+
+
+@dataclass
+class RunSchema:
+    tau: float = 0.15
+    seed: int = 0
+    selection: Selection = Selection.min_val_loss
+    epochs: int = _recipe("epochs")  # type: ignore[assignment]
+    batch_size: int = _recipe("batch_size")  # type: ignore[assignment]
+    lr: float = "${dlrt.default_lr:${model.name},${optim.name}}"  # type: ignore[assignment]
+    device: Device = Device.auto
+    precision: Precision = Precision.fp32
+    threads: Optional[int] = None
+    flush_denormal: bool = True
+    cuda_graphs: bool = False
+    svd_on: SvdOn = SvdOn.auto
+    out_dir: str = "runs"
+    eval_batch_size: int = 2048
+    progress: bool = True
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
+    model: Any = MISSING
+    data: Any = MISSING
+    method: Any = MISSING
+    optim: Any = MISSING
+
+
+def group_schema(group: str, name: str):
+    """The schema of a group option, by the name its node carries (a user's own option extends one of ours)."""
+    if group == "model":
+        return FCModelSchema if name == "fc" else ModelSchema
+    if group == "data":
+        return {"synthetic": SyntheticDataSchema, "cifar10": ImageDataSchema, "imagenet": ImageDataSchema}.get(
+            name, ArrayDataSchema)
+    if group == "method":
+        return {"adaptive": AdaptiveMethodSchema, "parallel": AdaptiveMethodSchema, "fixed": FixedMethodSchema}.get(
+            name, MethodSchema)
+    return AdamSchema if name == "adam" else SGDSchema
+
+
+def register() -> None:
+    """Put the run schema into Hydra's ConfigStore and the recipe resolvers into OmegaConf (idempotent)."""
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
+    for name, resolver in (("dlrt.protocol", protocols.recipe_value), ("dlrt.default_lr", protocols.default_lr)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -1,0 +1,165 @@
+"""Every check of a run's config that can be made before any work: each failure is a ConfigError with one line
+that names the key and says what to do. Nothing here makes a folder or reads a data set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import RunSchema, group_schema
+
+GROUPS = ("model", "data", "method", "optim")
+LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla", "vanilla_frozen_convs")
+METHODS = ("dense",) + LOW_RANK_METHODS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse a config that cannot run, before anything is made or loaded."""
+    check_keys(cfg)
+    _check_numbers(cfg)
+    _check_combinations(cfg)
+    _check_model(cfg)
+    _check_paths(cfg)
+
+
+def one_line(error: Exception) -> str:
+    """OmegaConf's and Hydra's multi-line messages on one line, with the key they name."""
+    text = " ".join(str(error).split("\n")[0].split())
+    key = getattr(error, "full_key", None)
+    return f"{key}: {text}" if key and key not in text else text
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key is one the run reads, with a value of its type: the groups against their options' schemas."""
+    top = set(cfg.keys()) - set(GROUPS) - {"hydra"}  # a sweep's job configs hold Hydra's node too
+    unknown = sorted(top - set(RunSchema.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}: dlrt-run has no such setting (README.md lists the keys)")
+    if cfg.method.get("name") not in METHODS:
+        raise ConfigError(f"method.name={cfg.method.get('name')}: choose one of {', '.join(METHODS)}")
+    for group in GROUPS:
+        node = cfg[group]
+        schema = OmegaConf.structured(group_schema(group, node.get("name")))
+        extra = sorted(set(node.keys()) - set(schema.keys()))
+        if extra:
+            raise ConfigError(f"{group}.{extra[0]}: {group} {node.get('name')!r} has no such key, so it would be "
+                              f"ignored; its keys are {', '.join(schema.keys())}")
+        try:
+            OmegaConf.merge(schema, node)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{group}.{one_line(e)}") from None
+
+
+def _at_least(cfg, key: str, low, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise ConfigError(f"{key}={value} must be a number >= {low}" + (" or null" if allow_none else ""))
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    relative = cfg.method.get("absolute_tau") is not True
+    if relative and not 0 <= cfg.tau < 1:
+        raise ConfigError(f"tau={cfg.tau} is outside [0, 1): ϑ is relative to ‖σ‖ (or set method.absolute_tau=true)")
+    if not cfg.tau >= 0:
+        raise ConfigError(f"tau={cfg.tau} must be >= 0")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _at_least(cfg, key, 1)
+    _at_least(cfg, "threads", 1, allow_none=True)
+    _at_least(cfg, "finetune.epochs", 0)
+    _at_least(cfg, "scheduler.patience", 0)
+    _at_least(cfg, "data.subset", 1, allow_none=True)
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr} must be > 0")
+    if not 0 < cfg.scheduler.factor < 1:
+        raise ConfigError(f"scheduler.factor={cfg.scheduler.factor} must be in (0, 1): the lr is multiplied by it")
+    method, optim, data = cfg.method, cfg.optim, cfg.data
+    if "r_min" in method:
+        _at_least(cfg, "method.r_min", 1)
+        if method.r_max is not None and method.r_max < method.r_min:
+            raise ConfigError(f"method.r_max={method.r_max} is below method.r_min={method.r_min}")
+    if optim.name == "sgd" and not 0 <= optim.momentum < 1:
+        raise ConfigError(f"optim.momentum={optim.momentum} must be in [0, 1)")
+    if optim.name == "adam":
+        if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+            raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
+        if not optim.eps > 0:
+            raise ConfigError(f"optim.eps={optim.eps} must be > 0")
+    if data.name == "synthetic":
+        if len(data.input_shape) != 3 or min(data.input_shape) < 1:
+            raise ConfigError(f"data.input_shape={list(data.input_shape)} must be three positive sizes: channels, "
+                              "height, width")
+        _at_least(cfg, "data.num_classes", 2)
+        for key in ("n_train", "n_test") + (("n_val",) if cfg.selection == "min_val_loss" else ()):
+            _at_least(cfg, f"data.{key}", 1)
+        _at_least(cfg, "data.noise", 0)
+    if "workers" in data:
+        _at_least(cfg, "data.workers", 0)
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    method = cfg.method.name
+    if method == "vanilla_frozen_convs" and (cfg.model.init != "authors" or cfg.model.spectrum is None):
+        raise ConfigError("method=vanilla_frozen_convs is the published code's U V^T baseline: it needs "
+                          "model.init=authors and a model.spectrum (one, pow2 or pow10)")
+    no_validation = cfg.data.get("split") == "train_test"
+    if no_validation and cfg.selection != "final":
+        raise ConfigError("data.split=train_test has no validation set: set selection=final")
+    if no_validation and cfg.scheduler.name == "plateau":
+        raise ConfigError("scheduler.name=plateau steps on the validation loss, and data.split=train_test has none")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
+    if cfg.cuda_graphs:
+        if method == "fixed":
+            raise ConfigError("cuda_graphs=true cannot graph method=fixed (its step takes a second pass): use "
+                              "adaptive, parallel or vanilla, or cuda_graphs=false")
+        if cfg.precision != "fp32":
+            raise ConfigError("cuda_graphs=true is for precision=fp32 only (autocast inside a graph is not tested)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("cuda_graphs=true runs in one process only for now: drop torchrun or set cuda_graphs=false")
+        from .runtime import resolve_device
+
+        if resolve_device(cfg.device).type != "cuda":
+            raise ConfigError("cuda_graphs=true needs a CUDA device (device=cuda): on a CPU a training step is not "
+                              "bound by kernel launches, so there is nothing for graphs to save")
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """Build the model on the meta device: ranks and shapes are checked without any arithmetic."""
+    import torch
+
+    from .data import DataError, input_spec
+    from .models import ModelError
+    from .runtime import make_model
+
+    try:
+        input_shape, num_classes = input_spec(cfg.data)
+        with torch.device("meta"):
+            make_model(cfg, input_shape, num_classes)
+    except (ModelError, DataError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    """out_dir must be a folder this process can write, or one it can make; an image data set's root must exist
+    (a download goes only into an existing folder, so a mistyped root is not made)."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir} is a file, not a folder: choose another out_dir")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir={cfg.out_dir}: {existing} cannot be written by this user: choose another out_dir")
+    if cfg.data.name in ("cifar10", "imagenet") and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root={cfg.data.root} is no folder: point it at the folder that holds "
+                          f"{'cifar-10-batches-py' if cfg.data.name == 'cifar10' else 'train/ and val/'}")

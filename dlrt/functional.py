@@ -1,0 +1,283 @@
+"""One DLRT step per method, over the low-rank layers of a step: the functional core of DLRTOptimizer.
+
+A step is taken in two halves around one host synchronisation (dlrt.graphs replays each half from a CUDA
+graph): `prepare` computes what can be computed without reading a device value on the host (the augmented
+cores), the optimizer takes the cores' SVDs and truncation decisions (`decide_ranks`), reads the new ranks
+once, and `finish` writes the new factors and optimizer states. Each method is one class with those two
+halves; `METHODS` maps a method's name to it.
+
+Each layer of a step is a LayerStep: the layer, its optimizer state ({"K", "L", "S"}: the update rule's state
+of each factor, as matrices in the layer's current bases) and its param group (lr, ϑ, rank bounds, rule).
+
+The parts of a step carry torch.profiler labels ("dlrt::qr", "dlrt::svd", ...: PARTS), so a profile shows where
+a step's time goes (dlrt.bench's breakdown suite reads them); outside a profile they cost about a microsecond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from . import integrators as ig
+from . import linalg
+from .distributed import all_reduce_mean
+from .layers import _LowRankLayer
+from .update_rules import change_basis, lift_state, make_rule
+
+
+PARTS = ("qr", "svd", "truncation", "rank_sync", "project_gradient", "set_factors", "update_rule", "state_moves",
+         "dense_params_step")
+
+
+def part(name: str):
+    """The profiler label of a part of the step."""
+    return record_function(f"dlrt::{name}")
+
+
+@dataclass
+class LayerStep:
+    layer: _LowRankLayer
+    state: dict  # {"K": {...}, "L": {...}, "S": {...}}
+    group: dict  # the layer's param group
+    r_min: int  # the layer's rank bounds (its group's, capped by the layer's size)
+    r_max: int
+    new_bases: tuple | None = None  # Ũ, Ṽ
+    core: torch.Tensor | None = None  # the S-step at the augmented bases
+    svd: tuple | None = None  # (P, σ, Qh) of the core
+
+
+@dataclass
+class StepPlan:
+    """What the first half of a step hands to the second."""
+
+    steps: list[LayerStep]  # the layers that have gradients
+    checked_shortcuts: bool = False  # the CPU's self-checking QR and Gram-matrix SVD (dlrt.linalg)
+    new_ranks: torch.Tensor | None = None  # one per step, where the SVDs were taken
+    svds_via_gram: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# update directions: one foreach call per update rule
+# ---------------------------------------------------------------------------------------------
+
+
+def _rule_key(group: dict) -> tuple:
+    return group["optimizer"], group["momentum"], tuple(group["betas"]), group["eps"]
+
+
+def directions(entries: list[tuple[dict, torch.Tensor, dict]]) -> list[torch.Tensor]:
+    """Update directions for (state, gradient, group) entries: the groups' update rules applied with torch's
+    foreach kernels, one call for all entries of the same rule."""
+    found: list[torch.Tensor | None] = [None] * len(entries)
+    by_rule = defaultdict(list)
+    for index, (_, _, group) in enumerate(entries):
+        by_rule[_rule_key(group)].append(index)
+    for key, indices in by_rule.items():
+        rule = make_rule(*key)
+        with part("update_rule"):
+            found_here = rule.directions([entries[i][0] for i in indices], [entries[i][1] for i in indices])
+        for index, direction in zip(indices, found_here):
+            found[index] = direction
+    return found
+
+
+def kl_directions(steps: list[LayerStep]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """dK, dL per layer, from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
+    found = directions([(s.state["K"], s.layer.U.grad, s.group) for s in steps] +
+                       [(s.state["L"], s.layer.V.grad, s.group) for s in steps])
+    return list(zip(found[: len(steps)], found[len(steps):]))
+
+
+def s_directions(steps: list[LayerStep], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return directions([(s.state["S"], grad, s.group) for s, grad in zip(steps, grads)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------------
+
+
+class Method:
+    """A method's two halves. `passes`: forward/backward passes per batch; `changes_ranks`: whether `finish`
+    takes new ranks (from decide_ranks) or keeps them."""
+
+    passes = 1
+    changes_ranks = False
+    records_step_inputs = False  # whether the layers' backward must record x and dy (StepInputs)
+
+    def prepare(self, plan: StepPlan, world_size: int) -> None:
+        """The half before the host sync; nothing in it may read a device value on the host."""
+
+    def finish(self, plan: StepPlan, new_ranks: list[int] | None) -> None:
+        raise NotImplementedError
+
+
+class _RankAdaptive(Method):
+    changes_ranks = True
+
+    def prepare(self, plan: StepPlan, world_size: int) -> None:
+        steps = plan.steps
+        kl = kl_directions(steps)
+        for step, (dK, dL) in zip(steps, kl):  # the new directions Ũ, Ṽ from the K- and L-step directions
+            layer = step.layer
+            count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
+            with part("qr"):
+                step.new_bases = (linalg.new_directions(layer.U.detach(), dK, count, projected=plan.checked_shortcuts),
+                                  linalg.new_directions(layer.V.detach(), dL, count, projected=plan.checked_shortcuts))
+        self.cores(steps, kl, world_size)
+
+    def cores(self, steps: list[LayerStep], kl: list, world_size: int) -> None:
+        raise NotImplementedError
+
+    def finish(self, plan: StepPlan, new_ranks: list[int]) -> None:
+        """New factors at the new ranks, and the states moved into the new bases."""
+        for step, r1 in zip(plan.steps, new_ranks):
+            layer, state, policy = step.layer, step.state, step.group["state_policy"]
+            rule = make_rule(*_rule_key(step.group))
+            r0 = layer.rank
+            P, sigma, Qh = step.svd
+            if plan.svds_via_gram and not linalg.gram_svd_accurate(sigma, r1):
+                P, sigma, Qh = linalg.svd(step.core)
+            P1, Q1 = P[:, :r1], Qh[:r1].T
+            U_new, V_new = step.new_bases
+            with part("set_factors"):
+                layer.set_factors(ig.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
+                                  ig.rotate(layer.V.detach(), V_new, Q1))
+            with part("state_moves"):
+                state["K"] = change_basis(state["K"], rule, policy, None, Q1[:r0])  # V0^T V1
+                state["L"] = change_basis(state["L"], rule, policy, None, P1[:r0])  # U0^T U1
+                state["S"] = change_basis(state["S"], rule, policy, P1, Q1)
+
+
+class Adaptive(_RankAdaptive):
+    """The rank-adaptive augmented step (PAPER.md §1): the S-step at [U0, Ũ], [V0, Ṽ] with the gradient
+    Û^T G V̂ formed from the one backward (Ũ^T G Ṽ from the inputs the backward recorded)."""
+
+    records_step_inputs = True
+
+    def cores(self, steps, kl, world_size):
+        with part("project_gradient"):
+            blocks = [s.layer.project_gradient(*s.new_bases) for s in steps]
+        if world_size > 1:
+            all_reduce_mean(blocks)
+        grads = [ig.augmented_gradient(s.layer.S.grad, s.layer.U.grad, s.layer.V.grad, *s.new_bases, block)
+                 for s, block in zip(steps, blocks)]
+        with part("state_moves"):
+            for step, grad in zip(steps, grads):
+                step.state["S"] = lift_state(step.state["S"], grad.shape[0])
+        for step, grad, dS in zip(steps, grads, s_directions(steps, grads)):
+            step.core = ig.augmented_core(step.layer.S.detach(), grad.shape[0]) - step.group["lr"] * dS
+
+
+class Parallel(_RankAdaptive):
+    """The parallel integrator (Ceruti, Kusch, Lubich, Sulz 2024): K, L and S from the same point, the core
+    [[S̄, L1^T Ṽ], [Ũ^T K1, 0]]."""
+
+    def cores(self, steps, kl, world_size):
+        for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps]), kl):
+            lr = step.group["lr"]
+            step.core = ig.parallel_core(step.layer.S.detach() - lr * dS, dK, dL, *step.new_bases, lr)
+            step.state["S"] = lift_state(step.state["S"], step.core.shape[0])
+
+
+class SOnly(Method):
+    """U and V frozen, S trained (the fine-tuning phase of the paper's ImageNet protocol)."""
+
+    def finish(self, plan, new_ranks):
+        s_steps(plan.steps)
+
+
+class Vanilla(Method):
+    """Plain factorised training W = U V^T, simultaneous gradient steps on U and V. With S = I (absorb_singular_values)
+    the layer's U.grad = G V and V.grad = G^T U are exactly dL/dU and dL/dV."""
+
+    def finish(self, plan, new_ranks):
+        for step, (dU, dV) in zip(plan.steps, kl_directions(plan.steps)):
+            step.layer.U.sub_(step.group["lr"] * dU)
+            step.layer.V.sub_(step.group["lr"] * dV)
+
+
+class Fixed(Method):
+    """Fixed-rank KLS: U1 = orth(K1), V1 = orth(L1), then the S-step at the moved basis, which needs a second
+    forward/backward (`second_pass`)."""
+
+    passes = 2
+
+    def basis_update(self, steps: list[LayerStep]) -> None:
+        for step, (dK, dL) in zip(steps, kl_directions(steps)):
+            layer, state, policy = step.layer, step.state, step.group["state_policy"]
+            rule, lr = make_rule(*_rule_key(step.group)), step.group["lr"]
+            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            with part("qr"):
+                U1, S_tilde, V1, U_overlap, V_overlap = ig.fixed_rank_basis(
+                    U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
+            with part("set_factors"):
+                layer.set_factors(U1, S_tilde, V1)
+            with part("state_moves"):
+                state["K"] = change_basis(state["K"], rule, policy, None, V_overlap)
+                state["L"] = change_basis(state["L"], rule, policy, None, U_overlap)
+                state["S"] = change_basis(state["S"], rule, policy, U_overlap, V_overlap)
+
+    def finish(self, plan, new_ranks):
+        s_steps(plan.steps)
+
+
+def s_steps(steps: list[LayerStep]) -> None:
+    """S1 = S0 - lr dS for the layers whose S has a gradient."""
+    steps = [s for s in steps if s.layer.S.grad is not None]
+    for step, dS in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps])):
+        step.layer.S.sub_(step.group["lr"] * dS)
+
+
+METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "fixed": Fixed(), "s_only": SOnly(),
+                              "vanilla": Vanilla()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the rank decision
+# ---------------------------------------------------------------------------------------------
+
+
+def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]) -> None:
+    """The SVD of each core and all truncation decisions as one tensor (plan.new_ranks). `bounds`: ϑ, relative,
+    r_min and r_max per step as tensors on the device where the ranks are decided (the host when on_host)."""
+    cores = [step.core for step in plan.steps]
+    with part("svd"):
+        if on_host:  # the copy of the cores is the step's one host sync, and the ranks are read for free
+            found, sigmas = linalg.svds_on_host(cores)
+        else:
+            plan.svds_via_gram = plan.checked_shortcuts and cores[0].dtype != torch.float64
+            found = [linalg.gram_svd(core) if plan.svds_via_gram else linalg.svd(core) for core in cores]
+            sigmas = [sigma for _, sigma, _ in found]
+    for step, svd in zip(plan.steps, found):
+        step.svd = svd
+    with part("truncation"):
+        plan.new_ranks = ig.truncation_rank_tensor(sigmas, *bounds)
+
+
+@torch.no_grad()
+def absorb_singular_values(layers: list[_LowRankLayer]) -> None:
+    """W = U S V^T -> (U √S)(V √S)^T with S = I: the factorisation vanilla training steps on."""
+    for layer in layers:
+        P, sigma, Qh = torch.linalg.svd(layer.S)
+        root = sigma.sqrt()
+        layer.set_factors(layer.U @ P * root, torch.eye(layer.rank, dtype=layer.S.dtype, device=layer.S.device),
+                          layer.V @ Qh.T * root)
+
+
+@contextlib.contextmanager
+def frozen(params: list[nn.Parameter]):
+    """requires_grad off for these parameters inside the block, back to what it was after."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
