@@ -3,7 +3,9 @@
     lenet5_rank_evolution.png         rank of each low-rank LeNet5 layer per epoch, one line per ϑ
     lenet5_accuracy_compression.png   test accuracy and compression rate against ϑ, ours and the paper's
     fc_accuracy_vs_params.png         test accuracy against honest eval parameters, FC widths 500 and 784
-    dlrt_vs_uv.png                    test accuracy per epoch, DLRT against U V^T, one panel per spectrum
+    dlrt_vs_uv.png, dlrt_vs_uv_authors.png
+                                      test accuracy per epoch, DLRT against U V^T, one panel per spectrum, ours
+                                      (mean ± std) and the paper's published runs (dashed, mean ± std)
 
 Each figure is drawn from the tables' frames (and, for the rank evolution, the runs' epochs.csv); a figure
 whose runs do not exist is skipped with a message on stderr.
@@ -11,7 +13,6 @@ whose runs do not exist is skipped with a message on stderr.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,9 +24,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from dlrt.experiments.protocols import PAPER_LENET5_DENSE_ACC  # noqa: E402
+from dlrt.experiments.run_folder import atomic_write  # noqa: E402
+
 LENET5_LAYERS = ("conv1 (20 × 25)", "conv2 (50 × 500)", "fc1 (500 × 800)")
 SPECTRUM_TITLES = {"one": r"$\sigma_k = 1$", "pow2": r"$\sigma_k = 2^{-k}$", "pow10": r"$\sigma_k = 10^{-k}$"}
-UV_STYLES = {"fixed": ("DLRT", "tab:blue"), "vanilla": ("U V^T", "tab:red")}
+UV_STYLES = {"fixed": ("DLRT", "tab:blue"), "vanilla": ("U V^T", "tab:red"),
+             "vanilla_frozen_convs": ("U V^T, convs frozen", "tab:red")}
+INIT_MARKERS = {"authors": ("o", "authors' init"), "svd": ("^", "svd init")}
 FC_COLORS = {"fc500_mnist": "tab:blue", "fc784_mnist": "tab:orange"}
 
 
@@ -37,7 +43,8 @@ def make_plots(tables: dict[str, pd.DataFrame], runs: dict[str, list], out_dir: 
         "lenet5_accuracy_compression.png": lambda: accuracy_compression(tables.get("lenet5_mnist")),
         "fc_accuracy_vs_params.png": lambda: fc_accuracy_vs_params(
             {name: tables[name] for name in FC_COLORS if name in tables}),
-        "dlrt_vs_uv.png": lambda: dlrt_vs_uv(tables.get("dlrt_vs_uv")),
+        "dlrt_vs_uv.png": lambda: dlrt_vs_uv(tables.get("dlrt_vs_uv"), "ours: every layer factorised and trained"),
+        "dlrt_vs_uv_authors.png": lambda: dlrt_vs_uv(tables.get("dlrt_vs_uv_authors"), "the authors' setup"),
     }
     written = []
     for name, draw in figures.items():
@@ -51,10 +58,8 @@ def make_plots(tables: dict[str, pd.DataFrame], runs: dict[str, list], out_dir: 
 
 
 def save(figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(figure)
-    os.replace(tmp, path)
     print(f"dlrt-tables: wrote {path}", file=sys.stderr)
 
 
@@ -66,8 +71,10 @@ def with_runs(frame: pd.DataFrame | None) -> pd.DataFrame | None:
 
 
 def rank_evolution(runs: list):
-    """One panel per low-rank layer; per ϑ the run of the smallest seed (seed 0 when it exists)."""
-    adaptive = sorted((r for r in runs if r.method == "adaptive"), key=lambda r: (r.config["tau"], r.seed))
+    """One panel per low-rank layer; per ϑ the run of the smallest seed (seed 0 when it exists), of the paper's
+    protocol (the authors' init) where there is one."""
+    adaptive = sorted((r for r in runs if r.method == "adaptive"),
+                      key=lambda r: (r.config["tau"], r.config.get("model.init", "svd") != "authors", r.seed))
     first = {}
     for run in adaptive:
         first.setdefault(run.config["tau"], run)
@@ -78,7 +85,9 @@ def rank_evolution(runs: list):
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(first)))
     for layer, ax in enumerate(axes[0]):
         for color, (tau, run) in zip(colors, first.items()):
-            ax.plot(run.epochs["epoch"], run.epochs[f"rank_{layer}"], marker=".", color=color, label=f"ϑ = {tau:g} (seed {run.seed})")
+            init = run.config.get("model.init", "svd")
+            ax.plot(run.epochs["epoch"], run.epochs[f"rank_{layer}"], marker=".", color=color,
+                    label=f"ϑ = {tau:g} (seed {run.seed}, {init} init)")
         ax.set_title(LENET5_LAYERS[layer] if n_layers == len(LENET5_LAYERS) else f"layer {layer}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,29 +99,33 @@ def rank_evolution(runs: list):
 
 
 def accuracy_compression(frame: pd.DataFrame | None):
-    """Left: test accuracy vs ϑ (ours mean ± std, the paper's); right: c.r. eval, honest and both papers'."""
+    """Left: test accuracy vs ϑ (ours mean ± std per init, the paper's); right: c.r. eval, honest and paper's."""
     ours = with_runs(frame)
     if ours is None:
         return None
-    paper = frame[frame["method"] == "adaptive"].dropna(subset=["paper_test_acc_mean"]).sort_values("tau")
-    ours_adaptive = ours[ours["method"] == "adaptive"].sort_values("tau")
+    paper = frame[frame["method"] == "adaptive"].drop_duplicates("tau").dropna(subset=["paper_test_acc_mean"]).sort_values("tau")
     figure, (acc_ax, cr_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    acc_ax.errorbar(ours_adaptive["tau"], ours_adaptive["test_acc_mean"], yerr=ours_adaptive["test_acc_std"].fillna(0),
-                    marker="o", capsize=3, label="ours (mean ± std)")
+    for init, (marker, label) in INIT_MARKERS.items():
+        rows = ours[(ours["method"] == "adaptive") & (ours["init"].fillna("svd") == init)].sort_values("tau")
+        if not len(rows):
+            continue
+        archived = " (archived rows)" if rows.get("source", pd.Series(dtype=object)).notna().any() else ""
+        acc_ax.errorbar(rows["tau"], rows["test_acc_mean"], yerr=rows["test_acc_std"].fillna(0), marker=marker,
+                        capsize=3, label=f"ours, {label}{archived}")
+        cr_ax.plot(rows["tau"], rows["cr_eval_honest"], marker=marker, label=f"ours, {label}, honest count")
+        cr_ax.plot(rows["tau"], rows["cr_eval_paper"], marker=marker, linestyle=":", label=f"ours, {label}, paper's convention")
     acc_ax.errorbar(paper["tau"], paper["paper_test_acc_mean"], yerr=paper["paper_test_acc_std"], marker="s",
                     capsize=3, linestyle="--", color="gray", label="paper")
     dense = ours[ours["method"] == "dense"]
     if len(dense):
         acc_ax.axhline(dense["test_acc_mean"].iloc[0], color="tab:blue", linestyle=":", label="dense (ours)")
-    acc_ax.axhline(98.8, color="gray", linestyle=":", label="dense (paper)")
+    acc_ax.axhline(PAPER_LENET5_DENSE_ACC, color="gray", linestyle=":", label="dense (paper)")
     acc_ax.set(xlabel="ϑ", ylabel="test accuracy (%)", title="test accuracy at the selected epoch")
-    cr_ax.plot(ours_adaptive["tau"], ours_adaptive["cr_eval_honest"], marker="o", label="ours, honest count")
-    cr_ax.plot(ours_adaptive["tau"], ours_adaptive["cr_eval_paper"], marker="^", label="ours, paper's convention")
     cr_ax.plot(paper["tau"], paper["paper_cr_eval"], marker="s", linestyle="--", color="gray", label="paper")
     cr_ax.set(xlabel="ϑ", ylabel="compression rate, eval (%)", title="compression of the best run")
     for ax in (acc_ax, cr_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     figure.suptitle("LeNet5 / MNIST: accuracy and compression against ϑ")
     return figure
 
@@ -146,8 +159,9 @@ def fc_accuracy_vs_params(frames: dict[str, pd.DataFrame]):
     return figure
 
 
-def dlrt_vs_uv(frame: pd.DataFrame | None):
-    """One panel per initial spectrum: mean ± std test accuracy per epoch; the paper's final as a dashed line."""
+def dlrt_vs_uv(frame: pd.DataFrame | None, setup: str):
+    """One panel per initial spectrum: our mean ± std test accuracy per epoch, and the paper's published runs
+    (dashed, mean ± std)."""
     ours = with_runs(frame)
     if ours is None:
         return None
@@ -161,13 +175,15 @@ def dlrt_vs_uv(frame: pd.DataFrame | None):
             std = np.nan_to_num(np.array([row[f"epoch_{e}_std"] for e in epochs]))
             line, = ax.plot(epochs, mean, marker=".", color=color, label=f"{label} ({row['n_seeds']} runs)")
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            if not np.isnan(row["paper_final"]):
-                ax.axhline(row["paper_final"], color=line.get_color(), linestyle="--", alpha=0.6,
-                           label=f"{label}, paper final (20 epochs)")
+            paper = np.array([row.get(f"paper_epoch_{e}_mean", np.nan) for e in epochs], dtype=float)
+            if not np.isnan(paper).all():
+                paper_std = np.nan_to_num(np.array([row.get(f"paper_epoch_{e}_std", np.nan) for e in epochs], dtype=float))
+                ax.plot(epochs, paper, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{label}, paper (10 runs)")
+                ax.fill_between(epochs, paper - paper_std, paper + paper_std, color=line.get_color(), alpha=0.08)
         ax.set(title=SPECTRUM_TITLES.get(spectrum, str(spectrum)), xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("test accuracy (%)")
-    figure.suptitle("LeNet5 at rank 20 / MNIST: DLRT against U V^T, by initial spectrum")
+    figure.suptitle(f"LeNet5 at rank 20 / MNIST: DLRT against U V^T, by initial spectrum ({setup})")
     return figure
