@@ -111,10 +111,10 @@ class _LowRankLayer(nn.Module):
 
     def _init_factors(self, weight_matrix: torch.Tensor, rank: int, bias: torch.Tensor | None, init: str = "svd"):
         max_rank = min(self.out_dim, self.in_dim)
-        if not 1 <= rank <= max_rank:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise ValueError(
-                f"rank {rank} is not possible for a {self.out_dim}x{self.in_dim} weight: "
-                f"choose 1 <= rank <= {max_rank}"
+                f"rank {rank!r} is not possible for a {self.out_dim}x{self.in_dim} weight: "
+                f"choose an integer 1 <= rank <= {max_rank}"
             )
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
@@ -169,6 +169,8 @@ class _LowRankLayer(nn.Module):
                 "(layer.step_inputs = StepInputs(); DLRTOptimizer does so for method='adaptive') and call "
                 "backward() first"
             )
+        if not left.shape[1] or not right.shape[1]:  # a layer at full rank has no new directions to add
+            return left.new_zeros(left.shape[1], right.shape[1])
         return sum(self._project(x, dy, left, right) for x, dy in self.step_inputs.records)
 
     # --- state_dict at whatever rank it was saved ----------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlrt import METHODS, DLRTOptimizer, LowRankLinear, low_rank_layers
+from dlrt import METHODS, DLRTOptimizer, LowRankConv2d, LowRankLinear, low_rank_layers
 from dlrt.integrators import truncation_ranks
 from dlrt.functional import StepPlan
 from dlrt.optim import HOST_SVD_MAX_SIZE
@@ -324,3 +324,112 @@ def test_fixed_method_unfreezes_the_factors_when_the_second_pass_fails():
     with pytest.raises(RuntimeError, match="data loader died"):
         opt.step(failing_closure)
     assert all(p.requires_grad for layer in opt.layers for p in (layer.U, layer.S, layer.V))
+
+
+@pytest.mark.parametrize("make", [lambda: LowRankConv2d(1, 20, 5, rank=20), lambda: LowRankLinear(6, 4, rank=4)],
+                         ids=["conv", "linear"])
+@pytest.mark.parametrize("method", ["adaptive", "parallel"])
+def test_a_layer_at_full_rank_steps_without_new_directions(make, method):
+    torch.manual_seed(0)
+    layer = make()
+    opt = DLRTOptimizer(layer, lr=0.1, tau=0.0, method=method, r_max=layer.max_rank)
+    x = torch.randn(8, 1, 12, 12) if isinstance(layer, LowRankConv2d) else torch.randn(8, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    assert layer.rank == layer.max_rank and torch.isfinite(layer.dense_matrix()).all()
+
+
+def test_wrong_first_arguments_and_ranks_are_explained():
+    model = seeded(small_mlp)
+    with pytest.raises(TypeError, match=r"not its parameters.*DLRTOptimizer\(model, lr=...\)"):
+        DLRTOptimizer(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="rank 2.5 is not possible for a 4x4 weight: choose an integer"):
+        LowRankLinear(4, 4, rank=2.5)
+
+
+def test_per_group_hyperparameters_are_honoured():
+    """Two groups with their own ϑ: the truncation of each layer reads its group's."""
+    model = seeded(small_mlp)
+    first, second = low_rank_layers(model)
+    opt = DLRTOptimizer([{"params": first, "tau": 0.0}, {"params": second, "tau": 0.9}], lr=0.1)
+    assert [g["tau"] for g in opt.low_rank_groups] == [0.0, 0.9]
+    ranks = opt.ranks()
+    train_step(model, opt, *batch_for(model))  # the modules given hold no dense parameter: only factors move
+    assert opt.ranks()[0] == min(2 * ranks[0], first.max_rank // 2) and opt.ranks()[1] < 2 * ranks[1]
+    opt.set_rank_bounds(second, 1, 2)
+    assert opt.rank_bounds()[1] == (1, 2) and len(opt.low_rank_groups) == 2  # alone in its group already
+
+
+def test_a_closure_only_loop_equals_the_explicit_loop(method="adaptive"):
+    """torch's documented pattern, opt.step(closure) alone, trains exactly like zero_grad/backward/step (it used to
+    crash at step 2 with adaptive and reuse stale gradients with the other one-pass methods)."""
+    for method in ("adaptive", "parallel", "vanilla", "s_only"):
+        runs = []
+        for closure_only in (False, True):
+            model = seeded(small_mlp)
+            opt = DLRTOptimizer(model, lr=0.3, tau=0.1, method=method, momentum=0.9)
+            for step in range(4):
+                x, y = batch_for(model, seed=step)
+                if closure_only:
+                    train_step(model, opt, x, y)
+                else:
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+            runs.append(model)
+        for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+            assert torch.equal(a, b), method
+
+
+def test_a_fixed_closure_that_forgets_backward_is_an_error():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1, method="fixed")
+    x, y = batch_for(model)
+    calls = []
+
+    def closure():  # backward on the first call only, as a closure that computes the loss for logging would
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if not calls:
+            loss.backward()
+        calls.append(1)
+        return loss
+
+    with pytest.raises(RuntimeError, match="gave S no gradient"):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("scheduler", ["step", "plateau"])
+def test_schedulers_stay_attached_to_both_optimizers_across_a_resume(scheduler):
+    """After load_state_dict, a scheduler moves the low-rank lr and the dense optimizer's lr together (it moved
+    only the low-rank one: the dense optimizer had replaced its group dicts)."""
+    def make(model):
+        opt = DLRTOptimizer(model, lr=0.1)
+        sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler == "step" else
+                 torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0))
+        return opt, sched
+
+    def advance(model, opt, sched, step):
+        train_step(model, opt, *batch_for(model, seed=step))
+        sched.step() if scheduler == "step" else sched.step(1.0)  # a loss that never improves
+
+    model = seeded(small_mlp)
+    opt, sched = make(model)
+    for step in range(2):
+        advance(model, opt, sched, step)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    restored = seeded(small_mlp, seed=5)
+    restored.load_state_dict(saved[0])
+    opt2, sched2 = make(restored)
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    for step in range(2, 4):
+        advance(model, opt, sched, step)
+        advance(restored, opt2, sched2, step)
+    lrs = [group["lr"] for group in opt2.param_groups]
+    assert lrs == [group["lr"] for group in opt.param_groups] and len(set(lrs)) == 1 and lrs[0] < 0.1
+    assert opt2.dense_optimizer.param_groups[0]["lr"] == lrs[0]  # the dict the dense steps read
+    for a, b in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(a, b)

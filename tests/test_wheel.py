@@ -1,0 +1,40 @@
+"""dlrt installs as users install packages: a wheel, installed outside the checkout, runs dlrt-run from another
+folder (its configs ship inside the package)."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, **kwargs):
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", REPO)
+    (wheel,) = (tmp_path / "dist").glob("dlrt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dlrt/experiments/conf/config.yaml" in names and "dlrt/experiments/conf/model/lenet5.yaml" in names
+    assert "hydra_plugins/dlrt_sweeper/checking_sweeper.py" in names
+
+    # a fresh environment that sees this one's torch, Hydra and so on, but not the checkout
+    run(sys.executable, "-m", "venv", tmp_path / "env")
+    env_python = tmp_path / "env" / "bin" / "python"
+    site = run(env_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run(env_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run(env_python, "-c", "import dlrt.experiments.cli as c; print(c.CONFIG_DIR)", cwd=elsewhere).stdout
+    assert where.startswith(site)  # the installed package, not the checkout
+    result = run(tmp_path / "env" / "bin" / "dlrt-run", "data=synthetic", "data.n_train=128", "data.n_val=32",
+                 "data.n_test=32", "epochs=1", "progress=false", "threads=1", cwd=elsewhere)
+    assert "done: runs/lenet5-synthetic-adaptive" in result.stderr
+    assert list((elsewhere / "runs").glob("*/summary.json"))
