@@ -58,7 +58,6 @@ class StepPlan:
     steps: list[LayerStep]  # the layers that have gradients
     checked_shortcuts: bool = False  # the CPU's self-checking QR and Gram-matrix SVD (dlrt.linalg)
     new_ranks: torch.Tensor | None = None  # one per step, where the SVDs were taken
-    svds_via_gram: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +119,8 @@ class Method:
 class _RankAdaptive(Method):
     changes_ranks = True
 
+    uses_kl_in_cores = False  # whether `cores` reads dK and dL: else they are freed before it (a rank's n x r each)
+
     def prepare(self, plan: StepPlan, world_size: int) -> None:
         steps = plan.steps
         kl = kl_directions(steps)
@@ -129,9 +130,12 @@ class _RankAdaptive(Method):
             with part("qr"):
                 step.new_bases = (linalg.new_directions(layer.U.detach(), dK, count, projected=plan.checked_shortcuts),
                                   linalg.new_directions(layer.V.detach(), dL, count, projected=plan.checked_shortcuts))
+        del dK, dL
+        if not self.uses_kl_in_cores:
+            kl = None
         self.cores(steps, kl, world_size)
 
-    def cores(self, steps: list[LayerStep], kl: list, world_size: int) -> None:
+    def cores(self, steps: list[LayerStep], kl: list | None, world_size: int) -> None:
         raise NotImplementedError
 
     def finish(self, plan: StepPlan, new_ranks: list[int]) -> None:
@@ -141,8 +145,6 @@ class _RankAdaptive(Method):
             rule = make_rule(*_rule_key(step.group))
             r0 = layer.rank
             P, sigma, Qh = step.svd
-            if plan.svds_via_gram and not linalg.gram_svd_accurate(sigma, r1):
-                P, sigma, Qh = linalg.svd(step.core)
             P1, Q1 = P[:, :r1], Qh[:r1].T
             U_new, V_new = step.new_bases
             with part("set_factors"):
@@ -161,8 +163,11 @@ class Adaptive(_RankAdaptive):
     records_step_inputs = True
 
     def cores(self, steps, kl, world_size):
-        with part("project_gradient"):
-            blocks = [s.layer.project_gradient(*s.new_bases) for s in steps]
+        blocks = []
+        for s in steps:
+            with part("project_gradient"):
+                blocks.append(s.layer.project_gradient(*s.new_bases))
+            s.layer.step_inputs.clear()  # x and dy are done with: freed before the cores are made (issue 18)
         if world_size > 1:
             all_reduce_mean(blocks)
         grads = [ig.augmented_gradient(s.layer.S.grad, s.layer.U.grad, s.layer.V.grad, *s.new_bases, block)
@@ -177,6 +182,8 @@ class Adaptive(_RankAdaptive):
 class Parallel(_RankAdaptive):
     """The parallel integrator (Ceruti, Kusch, Lubich, Sulz 2024): K, L and S from the same point, the core
     [[S̄, L1^T Ṽ], [Ũ^T K1, 0]]."""
+
+    uses_kl_in_cores = True
 
     def cores(self, steps, kl, world_size):
         for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps]), kl):
@@ -208,14 +215,15 @@ class Fixed(Method):
 
     passes = 2
 
-    def basis_update(self, steps: list[LayerStep]) -> None:
+    def basis_update(self, steps: list[LayerStep], checked_shortcuts: bool) -> None:
+        qr = lambda X: linalg.tall_qr(X, checked=checked_shortcuts)
         for step, (dK, dL) in zip(steps, kl_directions(steps)):
             layer, state, policy = step.layer, step.state, step.group["state_policy"]
             rule, lr = make_rule(*_rule_key(step.group)), step.group["lr"]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             with part("qr"):
                 U1, S_tilde, V1, U_overlap, V_overlap = ig.fixed_rank_basis(
-                    U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr))
+                    U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr), qr=qr)
             with part("set_factors"):
                 layer.set_factors(U1, S_tilde, V1)
             with part("state_moves"):
@@ -251,8 +259,7 @@ def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]
         if on_host:  # the copy of the cores is the step's one host sync, and the ranks are read for free
             found, sigmas = linalg.svds_on_host(cores)
         else:
-            plan.svds_via_gram = plan.checked_shortcuts and cores[0].dtype != torch.float64
-            found = [linalg.gram_svd(core) if plan.svds_via_gram else linalg.svd(core) for core in cores]
+            found = [linalg.svd(core) for core in cores]
             sigmas = [sigma for _, sigma, _ in found]
     for step, svd in zip(plan.steps, found):
         step.svd = svd

@@ -17,13 +17,13 @@ import torch
 
 
 def k_step(U0, S0, dK, lr):
-    """K1 = U0 S0 - lr dK."""
-    return U0 @ S0 - lr * dK
+    """K1 = U0 S0 - lr dK, in one product."""
+    return torch.addmm(dK, U0, S0, beta=-lr)
 
 
 def l_step(V0, S0, dL, lr):
-    """L1 = V0 S0^T - lr dL."""
-    return V0 @ S0.T - lr * dL
+    """L1 = V0 S0^T - lr dL, in one product."""
+    return torch.addmm(dL, V0, S0.T, beta=-lr)
 
 
 def augmentation_size(rank: int, n: int, m: int) -> int:
@@ -63,14 +63,14 @@ def rotate(U0: torch.Tensor, U_new: torch.Tensor, P1: torch.Tensor) -> torch.Ten
     return torch.addmm(U0 @ P1[:r], U_new, P1[r:])
 
 
-def fixed_rank_basis(U0, S0, V0, K1, L1):
+def fixed_rank_basis(U0, S0, V0, K1, L1, qr=torch.linalg.qr):
     """Fixed-rank KLS basis update: U1 = orth(K1), V1 = orth(L1), S̃ = (U1^T U0) S0 (V0^T V1).
 
     Returns U1, S̃, V1 and the overlaps U0^T U1 and V0^T V1, which also move the optimizer's states:
-    each costs n r^2, as much as the QR's own products, so they are formed once.
+    each costs n r^2, as much as the QR's own products, so they are formed once. `qr`: how orth is taken.
     """
-    U1, _ = torch.linalg.qr(K1)
-    V1, _ = torch.linalg.qr(L1)
+    U1, _ = qr(K1)
+    V1, _ = qr(L1)
     U_overlap, V_overlap = U0.T @ U1, V0.T @ V1
     return U1, U_overlap.T @ S0 @ V_overlap, V1, U_overlap, V_overlap
 

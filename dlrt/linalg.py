@@ -1,9 +1,13 @@
-"""How the step's factorisations are computed: the QR that finds new directions, the SVD of the cores, and
-where those run. The formulas that use them are in dlrt.integrators.
+"""How the step's factorisations are computed: the QRs of tall factors, the SVD of the cores, and where those
+run. The formulas that use them are in dlrt.integrators.
 
 Two CPU shortcuts check their own accuracy, which costs a host sync per call (free on a CPU, slower than the
 plain calls on a GPU and impossible inside a CUDA graph), so a caller chooses them explicitly (`checked`):
-the projected QR of new_directions, and gram_svd.
+the projected QR of new_directions, and Cholesky-QR2 for large tall matrices (`tall_qr`).
+
+The cores' SVD is torch.linalg.svd everywhere. Its float64 Gram-matrix variant (an eigendecomposition of S S^T),
+which an earlier CPU path took, measured no faster at one thread (0.91-1.14x over 2r = 40-1280) and held 3.3 times
+the memory: at rank 640 the whole step's peak was inside its eigh (results/bench/memory.txt, issue 18).
 """
 
 from __future__ import annotations
@@ -19,6 +23,64 @@ def checked_shortcuts_by_default(factor: torch.Tensor) -> bool:
     return factor.device.type == "cpu"
 
 
+# Cholesky-QR2 pays where its Gram matrix and triangular solves (GEMM speed) beat Householder's geqrf + orgqr: on
+# one CPU thread, float32, it won 1.2-1.9x at n = 5120 rows for k >= 56 columns, 1.0-1.5x at n = 2048 for
+# 56 <= k <= 320, and lost at n <= 800 for every k (0.33-0.77x). Measured by dlrt-bench --suite linalg's qr rows
+# and, in more sizes, for issue 18 (its note gives the table). On a GPU it is not measured yet: Householder there.
+CHOLESKY_QR_MIN_ROWS, CHOLESKY_QR_MIN_COLUMNS, CHOLESKY_QR_MIN_ASPECT = 2048, 56, 4
+# Pass 1 is accepted when ||Q1^T Q1 - I||_F <= this: then κ(Q1)^2 <= 3 and the second pass leaves Q orthonormal to
+# a few u. Failing inputs (κ(X) above ~3e3 in float32, a rank-deficient X) go to Householder.
+CHOLESKY_QR_GATE = 0.5
+GRAM_BLOCK = 128  # wide Gram matrices from their upper block triangle: half the flops (5120 x 640: 16 against 26 ms)
+
+
+def tall_qr(X: torch.Tensor, checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, R of a tall X (n >= k) with orthonormal Q: Cholesky-QR2 where it is faster and `checked` (its accuracy
+    check reads a value on the host), Householder (torch.linalg.qr) otherwise or where the check fails."""
+    n, k = X.shape
+    if checked and n >= CHOLESKY_QR_MIN_ROWS and k >= CHOLESKY_QR_MIN_COLUMNS and n >= CHOLESKY_QR_MIN_ASPECT * k:
+        found = cholesky_qr2(X)
+        if found is not None:
+            return found
+    return torch.linalg.qr(X)
+
+
+def cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cholesky-QR2 (Yamamoto et al. 2015): R1 = chol(X^T X), Q1 = X R1^-1, the same once more on Q1, R = R2 R1.
+    None where the first Cholesky breaks down or Q1 is too far from orthonormal for the second pass to repair."""
+    R1, info = torch.linalg.cholesky_ex(_gram(X), upper=True)
+    if int(info) != 0:
+        return None
+    Q1 = _right_solve(X, R1)
+    G = _gram(Q1)
+    if float(torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device))) > CHOLESKY_QR_GATE:
+        return None
+    R2, info = torch.linalg.cholesky_ex(G, upper=True)
+    if int(info) != 0:
+        return None
+    return _right_solve(Q1, R2), R2 @ R1
+
+
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """X^T X; for wide X from its upper block triangle (a Gram matrix is symmetric)."""
+    k = X.shape[1]
+    if k < 2 * GRAM_BLOCK:
+        return X.T @ X
+    G = X.new_empty(k, k)
+    for i in range(0, k, GRAM_BLOCK):
+        j = i + GRAM_BLOCK
+        block = X[:, i:j].T @ X[:, i:]
+        G[i:j, i:] = block
+        G[j:, i:j] = block[:, GRAM_BLOCK:].T
+    return G
+
+
+def _right_solve(X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """X R^-1 for upper triangular R, as (R^T \\ X^T)^T: MKL's left-sided lower solve is about twice as fast as the
+    right-sided one at 5120 x 640."""
+    return torch.linalg.solve_triangular(R.T, X.T, upper=False).T
+
+
 def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bool = False) -> torch.Tensor:
     """Ũ: `count` orthonormal columns orthogonal to U0 such that span[U0, Ũ] ⊇ span[U0, K1], for the
     K-step K1 = U0 S0 - lr dK of any lr (span[U0, K1] ⊆ span[U0, dK]; likewise for V0 and dL).
@@ -26,7 +88,7 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
     The QR of [U0, dK] starts with ±U0 (U0 is orthonormal), so its next columns are the new ones.
 
     projected=True gets the same span from a QR of half the width (on a CPU 0.2 against 0.4 ms for a
-    500 x 50 factor, 250 against 430 ms for 5120 x 640): project U0 out of dK, factorise X = Q R and
+    500 x 50 factor, 250 against 430 ms for 5120 x 640), by tall_qr: project U0 out of dK, factorise X = Q R and
     project U0 out of Q; X = Q R and X ⟂ U0 keep X inside the span of the projected Q. Column j of Q
     leans on U0 by about eps ‖dK‖ / |R_jj|. Where all |R_jj| > √eps ‖dK‖, the projected Q is
     orthonormal to eps. Otherwise dK has fewer than `count` directions outside span U0 (a batch
@@ -39,7 +101,7 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
     r = U0.shape[1]
     dK = dK[:, :count]
     if projected and count > 0:
-        Q, R = torch.linalg.qr(_project_out(U0, dK))
+        Q, R = tall_qr(_project_out(U0, dK), checked=True)
         Q = _project_out(U0, Q)
         tolerance = torch.finfo(dK.dtype).eps ** 0.5 * torch.linalg.matrix_norm(dK)
         deficient = R.diagonal().abs() <= tolerance
@@ -75,7 +137,7 @@ def svd(S1: torch.Tensor):
 
 
 def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple], list[torch.Tensor]]:
-    """`decompose` (svd or gram_svd) of square cores on any device, taken on the host: the cores come over
+    """`decompose` (by default svd) of square cores on any device, taken on the host: the cores come over
     in one copy (a host sync), LAPACK runs on one thread, and the factors go back in one copy. Returns the
     factors (P, σ, Qh) on the cores' device, and the σ on the host.
 
@@ -104,27 +166,3 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-# Singular vectors from the Gram matrix are accurate to about eps64 (σ_1 / σ_k)^2: keep σ_k above this.
-GRAM_SVD_MIN_RATIO = 1e-4
-
-
-def gram_svd(S1: torch.Tensor):
-    """The SVD of S1 from the eigendecomposition of S1 S1^T in float64: S1 S1^T = P diag(σ^2) P^T and
-    Q = S1^T P diag(1/σ). Faster than torch.linalg.svd on a CPU (0.72 against 0.87 ms at 106 x 106),
-    exact enough only for the singular triplets with σ_k ≥ GRAM_SVD_MIN_RATIO σ_1: check the kept ones
-    with gram_svd_accurate. Columns of Q for σ_k = 0 are left at zero."""
-    A = S1.double()
-    lam, P = torch.linalg.eigh(A @ A.T)
-    lam, P = lam.flip(0), P.flip(1)  # eigh sorts ascending
-    sigma = lam.clamp_min(0).sqrt()
-    Q = (A.T @ P) / torch.where(sigma > 0, sigma, 1)
-    return P.to(S1.dtype), sigma.to(S1.dtype), Q.T.to(S1.dtype)
-
-
-def gram_svd_accurate(sigma: torch.Tensor, rank: int) -> bool:
-    """Whether gram_svd's leading `rank` triplets are as good as an SVD's."""
-    return rank == 0 or bool(sigma[rank - 1] >= GRAM_SVD_MIN_RATIO * sigma[0])
-
-

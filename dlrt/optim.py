@@ -262,7 +262,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if not steps and any(layer.U.requires_grad for layer in self.layers):
             raise RuntimeError(f"method={self.method!r}: no low-rank layer has a gradient after the closure; the "
                                "closure must compute the loss and call backward()")
-        self._method.basis_update(steps)
+        self._method.basis_update(steps, self.takes_checked_shortcuts())
         self.zero_grad()
         # The second pass needs only S.grad (and the dense parameters' gradients): with U and V frozen the
         # backward skips G V and G^T U, a third of a low-rank layer's backward.

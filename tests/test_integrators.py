@@ -1,10 +1,12 @@
-"""The CPU's fast linear algebra of the step (projected QR, SVD from the Gram matrix) against the plain one."""
+"""The CPU's fast linear algebra of the step (projected QR, Cholesky-QR2 for large tall factors) against the plain one."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dlrt import DLRTOptimizer
+from dlrt import DLRTOptimizer, LowRankLinear
 from dlrt import integrators as ig
 from dlrt import linalg
 from dlrt.update_rules import AdamRule, change_basis
@@ -65,42 +67,63 @@ def test_projected_new_directions_complete_a_deficient_step(dK, widths, monkeypa
     assert torch.equal(new, linalg.new_directions(U0, step, 5, projected=True))  # deterministic
 
 
-@pytest.mark.parametrize("spectrum", ["random", "decaying", "repeated"])
-def test_gram_svd_matches_the_svd_on_the_triplets_it_vouches_for(spectrum):
-    g = torch.Generator().manual_seed(0)
-    k = 40
-    sigma = {"random": torch.rand(k, generator=g) + 0.1, "decaying": 0.5 ** torch.arange(k, dtype=torch.float32),
-             "repeated": torch.ones(k)}[spectrum]
-    A = orthonormal(k, k, 1) @ torch.diag(sigma.sort(descending=True).values) @ orthonormal(k, k, 2).T
-    P, s, Qh = linalg.gram_svd(A)
-    P_ref, s_ref, _ = torch.linalg.svd(A)
-    assert torch.allclose(s, s_ref, atol=1e-6 * s_ref[0])
-    r = max(k for k in range(1, 41) if linalg.gram_svd_accurate(s, k))
-    assert r < 40 if spectrum == "decaying" else r == 40
-    P, Q = P[:, :r], Qh[:r].T
-    assert torch.allclose(P.T @ P, torch.eye(r), atol=1e-5) and torch.allclose(Q.T @ Q, torch.eye(r), atol=1e-5)
-    assert torch.linalg.norm(P @ torch.diag(s[:r]) @ Q.T - A) <= 1e-5 + torch.linalg.norm(s_ref[r:])
+def conditioned(n: int, k: int, condition: float, seed: int = 0) -> torch.Tensor:
+    """An n x k float32 matrix with singular values spread geometrically from 1 to 1/condition."""
+    sigma = torch.logspace(0, -math.log10(condition), k, dtype=torch.float64)
+    return (orthonormal(n, k, seed).double() * sigma @ orthonormal(k, k, seed + 1).double().T).float()
 
 
-@pytest.mark.parametrize("decompose", [linalg.svd, linalg.gram_svd], ids=["svd", "gram_svd"])
-def test_svds_on_host_give_each_cores_decomposition_and_restore_the_threads(decompose):
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e4, 1e8])
+def test_tall_qr_is_orthonormal_and_spans_x_whichever_path_it_takes(condition):
+    """At 2048 x 64 the size rule picks Cholesky-QR2; above κ ~ 3e3 its check sends it to Householder."""
+    X = conditioned(2048, 64, condition)
+    Q, R = linalg.tall_qr(X, checked=True)
+    assert torch.linalg.matrix_norm(Q.T @ Q - torch.eye(64)) <= 1e-5
+    assert torch.linalg.matrix_norm(Q @ R - X) <= 1e-5 * torch.linalg.matrix_norm(X)
+    assert (linalg.cholesky_qr2(X) is None) == (condition > 1e3)  # the path it took
+
+
+def test_tall_qr_of_a_rank_deficient_matrix_is_still_orthonormal():
+    X = conditioned(2048, 64, 1.0)
+    X[:, 10] = 0
+    X[:, 20] = X[:, 3]
+    Q, R = linalg.tall_qr(X, checked=True)  # Householder fills in directions of its own
+    assert linalg.cholesky_qr2(X) is None
+    assert torch.linalg.matrix_norm(Q.T @ Q - torch.eye(64)) <= 1e-5
+    assert torch.linalg.matrix_norm(Q @ R - X) <= 1e-5 * torch.linalg.matrix_norm(X)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "fixed"])
+def test_steps_with_cholesky_qr_equal_the_householder_steps(method):
+    """A layer big enough for the size rule (2048 x 2048 at rank 64): the CPU's checked path (Cholesky-QR2 where
+    it holds) and the plain path give the same weights to float32 precision."""
+    runs = []
+    for checked in (True, False):
+        layer = seeded(lambda: LowRankLinear(2048, 2048, 64), dtype=torch.float32)
+        opt = DLRTOptimizer(layer, lr=0.5, tau=0.1, method=method, checked_shortcuts=checked)
+        x = torch.randn(96, 2048, generator=torch.Generator().manual_seed(1))
+
+        def closure():
+            opt.zero_grad()
+            loss = layer(x).square().mean()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        runs.append(layer.dense_matrix().detach())
+    assert torch.linalg.matrix_norm(runs[0] - runs[1]) <= 1e-4 * torch.linalg.matrix_norm(runs[1])
+
+
+def test_svds_on_host_give_each_cores_decomposition_and_restore_the_threads():
     cores = [torch.randn(k, k, generator=torch.Generator().manual_seed(k)) for k in (3, 7, 5)]
     threads = torch.get_num_threads()
-    factors, sigmas = linalg.svds_on_host(cores, decompose)
+    factors, sigmas = linalg.svds_on_host(cores)
     assert torch.get_num_threads() == threads
     for core, (P, sigma, Qh), host_sigma in zip(cores, factors, sigmas):
-        expected = decompose(core)
-        for got, want in zip((P, sigma, Qh), expected):
+        for got, want in zip((P, sigma, Qh), linalg.svd(core)):
             assert torch.equal(got, want)
         assert torch.equal(host_sigma, sigma)
-
-
-def test_gram_svd_of_a_singular_core_leaves_no_nan_and_is_not_vouched_for():
-    A = torch.zeros(6, 6)
-    A[0, 0] = 2.0
-    P, s, Qh = linalg.gram_svd(A)
-    assert torch.isfinite(Qh).all() and s.tolist() == [2.0, 0, 0, 0, 0, 0]
-    assert linalg.gram_svd_accurate(s, 1) and not linalg.gram_svd_accurate(s, 2)
 
 
 # Not Adam: its first steps divide rounding noise by itself, so any two correct paths part at 1e-4.
