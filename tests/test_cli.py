@@ -199,6 +199,8 @@ ERRORS = [  # args, message fragment: every misuse of the issue's list, each one
     (["model.rank=2.5"], "model.rank: a fractional rank must be in (0, 1], got 2.5"),
     (["model.rank=0"], "model.rank: rank must be an integer >= 1"),
     (["data=synthetic", "data.n_train=0"], "data.n_train=0 must be a number >= 1"),
+    (["data=synthetic", "data.noise=nan"], "data.noise=nan must be a number >= 0"),
+    (["model=fc", "model.width=0"], "model.width=0 must be a number >= 1"),
     (["data=synthetic", "data.input_shape=[1,8,8]"], "lenet5 needs inputs of at least 16x16 pixels, got 8x8"),
     (["data=synthetic", "data.input_shape=[28,28]"], "data.input_shape=[28, 28] must be three positive sizes"),
     (["data.split=train_test"], "data.split=train_test has no validation set: set selection=final"),

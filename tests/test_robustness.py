@@ -157,3 +157,70 @@ def test_flush_denormal_decides_whether_subnormal_floats_survive(flush):
         assert ((torch.tensor([2e-38]) * 0.1).item() == 0) == flush  # arithmetic results too
     finally:
         torch.set_flush_denormal(before)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "run"
+    train_into(compose_cfg("epochs=1", "data.n_train=256"), path)
+    return path
+
+
+def export_error(argv, capsys) -> str:
+    from dlrt.experiments.export import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_export_makes_missing_folders_and_readable_files(finished_run, tmp_path):
+    out = export_run(finished_run, "factored", tmp_path / "new" / "folder" / "model.safetensors")
+    assert out.exists() and oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert load_exported(out)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_export_refuses_a_failed_run_unless_forced(finished_run, tmp_path, capsys):
+    import shutil
+
+    failed = tmp_path / "failed"
+    shutil.copytree(finished_run, failed)
+    summary = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps({**summary, "status": "failed", "reason": "loss became nan"}))
+    err = export_error([failed], capsys)
+    assert "failed (loss became nan)" in err and "pass --force to export it" in err
+    from dlrt.experiments.export import main
+
+    assert main([str(failed), "--force"]) == 0
+
+
+@pytest.mark.parametrize("broken,message", [("config.yaml", "config.yaml cannot be read"),
+                                            ("best_model.pt", "best_model.pt cannot be read")])
+def test_export_of_corrupt_files_is_one_line(finished_run, tmp_path, capsys, broken, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    (copy / broken).write_text("{{{ not: [yaml or a torch file")
+    assert message in export_error([copy], capsys)
+
+
+def test_export_rebuilds_an_image_folder_net_of_any_class_count(tmp_path):
+    """A run's class count is in its summary: a net of 7 classes (not ImageNet's 1000) exports and reloads."""
+    cfg = compose_cfg("epochs=1", "data.num_classes=7", "data.input_shape=[3,32,32]", "model=vgg16", "model.rank=4",
+                      "data.n_train=16", "data.n_val=8", "data.n_test=8", "batch_size=8")
+    run_dir = tmp_path / "run"
+    train_into(cfg, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_classes"] == 7
+    model = load_exported(export_run(run_dir, "dense"))
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)

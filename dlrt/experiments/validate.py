@@ -61,7 +61,7 @@ def _at_least(cfg, key: str, low, allow_none: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:  # NaN too
         raise ConfigError(f"{key}={value} must be a number >= {low}" + (" or null" if allow_none else ""))
 
 
@@ -103,6 +103,8 @@ def _check_numbers(cfg: DictConfig) -> None:
         _at_least(cfg, "data.noise", 0)
     if "workers" in data:
         _at_least(cfg, "data.workers", 0)
+    if "width" in cfg.model:
+        _at_least(cfg, "model.width", 1)
 
 
 def _check_combinations(cfg: DictConfig) -> None:
