@@ -7,7 +7,6 @@ training step (batch 8, 224x224) for dense training and for the adaptive DLRT st
 """
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from dlrt import DLRTOptimizer, low_rank_layers
 from dlrt.metrics import parameter_report
 from dlrt.experiments.models import build_model
+from dlrt.experiments.run_folder import atomic_write
 
 
 def step_ms(model, opt, batch, steps):
@@ -70,9 +70,7 @@ def main():
         })
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     print(pd.DataFrame(rows)[["model", "converted_layers", "full_rank_weight_params", "initial_params_eval_honest",
                               "dense_step_ms", "adaptive_step_ms", "ratio"]].to_string(index=False))
 

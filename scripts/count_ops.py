@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlrt import bench, optim
+from dlrt.bench.cases import build, make_runner, pin_ranks, step_cases, synthetic_batches
 
 # operations that return a view or alias: no kernel runs for them
 VIEWS = {"view", "permute", "detach", "slice", "expand", "transpose", "t", "alias", "select", "diagonal",
@@ -44,17 +44,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu-path", action="store_true", help="the optimizer's GPU choices, on the CPU")
     args = parser.parse_args()
-    if args.gpu_path:
-        optim.takes_host_checked_shortcuts = lambda factor: False
     device = torch.device("cpu")
     print(f"aten operations per training step ({'GPU' if args.gpu_path else 'CPU'} path of the optimizer)")
-    for case in bench.step_cases(quick=False)[:2]:
-        base = bench.build(case, device, low_rank=True)
-        x, y = bench.synthetic_batches(case, device, 1)[0]
+    for case in step_cases(quick=False)[:2]:
+        base = build(case, device, low_rank=True)
+        x, y = synthetic_batches(case, device, 1)[0]
         for method in ("dense", "adaptive"):
-            runner = bench.make_runner(method, case, device, base)
+            # the GPU path: no self-checking shortcuts (DLRTOptimizer's checked_shortcuts=False)
+            runner = make_runner(method, case, device, base, checked_shortcuts=False if args.gpu_path else None)
             if method == "adaptive":
-                bench.pin_ranks(runner.opt)
+                pin_ranks(runner.opt)
             for _ in range(3):  # optimizer state made, ranks settled
                 runner.step(x, y)
             phases = {}

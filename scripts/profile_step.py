@@ -7,8 +7,9 @@ the timing study and the FC step at the ϑ = 0.09 ranks:
     python scripts/profile_step.py --case fc500_t0.09 --method adaptive --shapes
 
 After one warm-up step it times --steps steps (median wall time), then profiles as many more and prints
-the profiler's table (the profiler adds some overhead of its own). One thread unless --threads says
-otherwise; subnormals flushed as in dlrt-bench; ranks pinned, as in the bench. With --device cuda the steps
+the profiler's table (the profiler adds some overhead of its own); its rows dlrt::qr, dlrt::svd, ... are the
+labelled parts of the DLRT step (dlrt.functional.PARTS). One thread unless --threads says otherwise;
+subnormals flushed as in dlrt-bench; ranks pinned, as in the bench. With --device cuda the steps
 are synchronised and a second table gives the GPU's time per kernel; there adaptive_graphed (CUDA graphs)
 can be profiled too:
 
@@ -24,17 +25,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlrt import bench
+from dlrt.bench.cases import make_runner, pin_ranks, step_cases, synthetic_batches, timing_study_case
+from dlrt.optim import SVD_PLACES
 
 METHODS = ("dense", "adaptive", "parallel", "fixed", "vanilla", "adaptive_graphed")
 
 
-def timing_study_case(rank: int, width: int, batch: int) -> bench.Case:
-    return bench.Case("timing_study", "fc", {"width": width}, rank, batch, 0.1, "sgd", 0.01)
-
-
 def main(argv=None) -> int:
-    cases = [case.name for case in bench.step_cases(quick=False)]
+    cases = [case.name for case in step_cases(quick=False)]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="fc500_t0.09", choices=[*cases, "timing_study"])
     parser.add_argument("--method", default="adaptive", choices=METHODS)
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", action="store_true", help="one row per operation and input shapes")
     parser.add_argument("--rows", type=int, default=25, help="rows of the table [25]")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--svd-on", choices=bench.SVD_PLACES, default="auto", help="DLRTOptimizer's svd_on [auto]")
+    parser.add_argument("--svd-on", choices=SVD_PLACES, default="auto", help="DLRTOptimizer's svd_on [auto]")
     args = parser.parse_args(argv)
     if args.method == "adaptive_graphed" and args.device != "cuda":
         parser.error("adaptive_graphed needs --device cuda")
@@ -58,12 +56,12 @@ def main(argv=None) -> int:
     if args.case == "timing_study":
         case = timing_study_case(args.rank, args.width, args.batch or 500)
     else:
-        case = next(c for c in bench.step_cases(quick=False) if c.name == args.case)
+        case = next(c for c in step_cases(quick=False) if c.name == args.case)
         case.batch = args.batch or case.batch
-    batches = bench.synthetic_batches(case, device, 2)
-    runner = bench.make_runner(args.method, case, device, svd_on=args.svd_on)
+    batches = synthetic_batches(case, device, 2)
+    runner = make_runner(args.method, case, device, svd_on=args.svd_on)
     if args.method != "dense":
-        bench.pin_ranks(runner.opt)
+        pin_ranks(runner.opt)
     for _ in range(3):  # warm-up: states made (graphed: an eager step, the capture, a replay)
         runner.step(*batches[0])
     seconds = []

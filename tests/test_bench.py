@@ -1,13 +1,21 @@
-"""dlrt-bench runs end to end on tiny settings and writes well-formed CSVs (no timing assertions)."""
+"""dlrt-bench runs end to end on tiny settings and writes well-formed CSVs (no timing assertions), without Hydra."""
 
 import csv
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from dlrt import bench
+from dlrt.bench import breakdown, cli, steps, timing_study
+
+ROOT = Path(__file__).resolve().parents[1]
+# as on a GPU machine that has torch but neither Hydra nor OmegaConf: importing them fails
+WITHOUT_HYDRA = "import sys; sys.modules.update(hydra=None, omegaconf=None); "
 
 
 def _rows(path):
@@ -19,24 +27,47 @@ def _positive(value: str) -> bool:
     return math.isfinite(float(value)) and float(value) > 0
 
 
+def _python(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """Every suite with --quick, in a process where Hydra and OmegaConf cannot be imported."""
     out = tmp_path_factory.mktemp("bench")
-    threads = torch.get_num_threads()
-    code = bench.main(["--quick", "--device", "cpu", "--out", str(out), "--threads", "1"])
-    assert torch.get_num_threads() == threads  # main() gives the thread count back
-    return code, out
+    code = WITHOUT_HYDRA + (
+        "import torch; from dlrt.bench.cli import main; threads = torch.get_num_threads(); code = main(sys.argv[1:]); "
+        "assert torch.get_num_threads() == threads, 'main() gives the thread count back'; sys.exit(code)")
+    result = _python(code, "--quick", "--device", "cpu", "--out", str(out), "--threads", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, out
+
+
+def test_the_entry_point_imports_neither_hydra_nor_omegaconf():
+    result = _python("import sys, dlrt.bench.cli; print(sorted({'hydra', 'omegaconf'} & set(sys.modules)))")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_python_m_dlrt_bench_runs_without_hydra():
+    result = _python(WITHOUT_HYDRA + "import runpy; sys.argv = ['dlrt-bench', '--help']; "
+                                     "runpy.run_module('dlrt.bench', run_name='__main__')", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--suite" in result.stdout
 
 
 META = ("device", "device_name", "torch", "threads", "flush_denormal", "date", "command", "code_version")
 
 
 def test_writes_every_file(quick_run):
-    code, out = quick_run
-    assert code == 0
-    for name in ("steps.csv", "timing_study.csv", "breakdown.csv", "linalg.csv", "timing_study.png", "steps.txt", "timing_study.txt", "breakdown.txt", "linalg.txt"):
+    result, out = quick_run
+    for name in ("steps.csv", "timing_study.csv", "breakdown.csv", "linalg.csv", "timing_study.png", "steps.txt",
+                 "timing_study.txt", "breakdown.txt", "linalg.txt"):
         assert os.path.getsize(out / name) > 0, name
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temp files
+    assert "FAILED" not in result.stdout
 
 
 def test_steps_csv(quick_run):
@@ -48,11 +79,14 @@ def test_steps_csv(quick_run):
     assert cases == {"lenet5_t0.15", "fc500_t0.09", "fc500_r40"}
     for case in cases:
         methods = {(r["method"], r["phase"]) for r in rows if r["case"] == case}
-        assert methods == {(m, p) for m in bench.STEP_METHODS for p in ("train", "infer")}
+        assert methods == {(m, p) for m in steps.STEP_METHODS for p in ("train", "infer")}
     assert all(_positive(r["median_ms"]) and _positive(r["ratio_to_dense"]) for r in rows)
     assert all(float(r["ratio_to_dense"]) == 1 for r in rows if r["method"] == "dense")
+    assert not any(r["error"] for r in rows)
     lenet = [r for r in rows if r["case"] == "lenet5_t0.15" and r["method"] == "adaptive_pinned"]
     assert all(r["ranks_start"] == r["ranks_end"] == "[9,16,28]" for r in lenet)
+    fixed = [r for r in rows if r["case"] == "fc500_t0.09" and r["method"] == "fixed"]
+    assert all(r["ranks_start"] == r["ranks_end"] == "[35,53,51,46]" for r in fixed)
     assert all(r["threads"] == "1" and r["device"] == "cpu" for r in rows)
 
 
@@ -62,7 +96,7 @@ def test_timing_study_csv(quick_run):
         assert column in rows[0], column
     assert {(r["method"], r["phase"]) for r in rows} == {
         ("dense", "train"), ("dense", "infer"), ("fixed", "train"), ("adaptive", "train"), ("low_rank", "infer")}
-    assert {r["rank"] for r in rows if r["method"] != "dense"} == {str(r) for r in bench.QUICK_TIMING_RANKS}
+    assert {r["rank"] for r in rows if r["method"] != "dense"} == {str(r) for r in timing_study.QUICK_TIMING_RANKS}
     for r in rows:
         assert _positive(r["median_ms"]) and _positive(r["ratio_to_dense"])
         if r["method"] in ("fixed", "adaptive"):  # r_min = r_max = r keeps the rank put
@@ -71,14 +105,44 @@ def test_timing_study_csv(quick_run):
 
 def test_breakdown_csv(quick_run):
     rows = _rows(quick_run[1] / "breakdown.csv")
-    adaptive = {r["part"]: r for r in rows if r["case"] == "lenet5_t0.15" and r["method"] == "adaptive"}
-    for part in ("forward+loss", "backward", "qr", "svd", "truncation+sync", "step_other", "total"):
-        assert part in adaptive, part
-    # one QR per factor of 3 layers, a second where a batch of 16 leaves the step fewer directions than the rank
-    assert 6 <= float(adaptive["qr"]["calls_per_step"]) <= 12
-    assert float(adaptive["svd"]["calls_per_step"]) == 3
-    assert abs(float(adaptive["total"]["pct"]) - 100) < 1e-6
-    assert all(_positive(r["mean_ms"]) for r in adaptive.values() if r["part"] != "step_other")
+    assert not any(r.get("error") for r in rows)
+    for case, layers in (("lenet5_t0.15", 3), ("fc500_t0.09", 4)):
+        adaptive = {r["part"]: r for r in rows if r["case"] == case and r["method"] == "adaptive"}
+        for part in ("zero_grad", "forward+loss", "backward", "qr", "svd", "truncation", "rank_sync",
+                     "project_gradient", "set_factors", "update_rule", "state_moves", "dense_params_step",
+                     "step_other", "total"):
+            assert part in adaptive, (case, part)
+        assert set(adaptive) - {"zero_grad", "forward+loss", "backward", "step_other", "total"} <= set(breakdown.STEP_PARTS)
+        # the labels: a QR range and a set_factors range per layer, one SVD range for all cores
+        assert float(adaptive["qr"]["calls_per_step"]) == float(adaptive["set_factors"]["calls_per_step"]) == layers
+        assert float(adaptive["svd"]["calls_per_step"]) == 1
+        assert abs(float(adaptive["total"]["pct"]) - 100) < 1e-6
+        assert abs(sum(float(r["mean_ms"]) for p, r in adaptive.items() if p != "total")
+                   - float(adaptive["total"]["mean_ms"])) < 1e-2 * float(adaptive["total"]["mean_ms"])
+        assert float(adaptive["step_other"]["mean_ms"]) >= 0
+        assert all(_positive(r["mean_ms"]) for r in adaptive.values() if r["part"] != "step_other")
+        dense = {r["part"] for r in rows if r["case"] == case and r["method"] == "dense"}
+        assert dense == {"zero_grad", "forward+loss", "backward", "opt.step", "total"}
+
+
+def test_labelled_parts_are_summed_per_step_and_a_label_inside_another_counts_for_the_outer():
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with record_function(breakdown.STEP_LABEL):
+                for _ in range(2):
+                    with record_function("dlrt::qr"):
+                        torch.ones(4).sum()
+                with record_function("dlrt::svd"), record_function("dlrt::qr"):
+                    torch.ones(4).sum()
+                with record_function("not a part"), record_function("dlrt::truncation"):
+                    torch.ones(4).sum()
+        with record_function("dlrt::qr"):  # outside the steps: not counted
+            torch.ones(4).sum()
+    parts = breakdown.labelled_parts(prof.events())
+    assert len(parts) == 2
+    for step in parts:
+        assert {name: count for name, (_, _, count) in step.items()} == {"qr": 2, "svd": 1, "truncation": 1}
+        assert all(host_ms > 0 and device_ms == 0 for host_ms, device_ms, _ in step.values())
 
 
 def test_linalg_csv(quick_run):
@@ -86,32 +150,33 @@ def test_linalg_csv(quick_run):
     assert {"variant", "median_ms", "qr_shapes", "svd_sizes", *META} <= set(rows[0])
     now = [r for r in rows if r["variant"].endswith("(now)")]
     assert all(_positive(r["median_ms"]) for r in now)
-    steps = [r["case"] for r in now if r["qr_shapes"]]
+    cases = [r["case"] for r in now if r["qr_shapes"]]
     cores = [r["case"] for r in now if not r["qr_shapes"]]
-    assert len(steps) == 4 and len(set(steps)) == 2  # a QR and an SVD for each step case
+    assert len(cases) == 4 and len(set(cases)) == 2  # a QR and an SVD for each step case
     assert cores == ["timing_study_r4"]  # the SVD of the timing study's cores
-
-
-def test_patches_are_undone(quick_run):
-    assert torch.linalg.qr.__module__ != bench.__name__ and torch.linalg.svd.__module__ != bench.__name__
-    from dlrt import integrators, layers
-    assert integrators.truncation_ranks.__module__ == integrators.__name__
-    assert layers._LowRankLayer.project_gradient.__qualname__.startswith("_LowRankLayer")
 
 
 def test_bad_arguments():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--suite", "nope"])
+        cli.parse_args(["--suite", "nope"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--ranks", "0,5"])
+        cli.parse_args(["--ranks", "0,5"])
+
+
+def test_every_option_has_its_quick_and_full_default():
+    quick, full = cli.parse_args(["--quick"]), cli.parse_args([])
+    for name, (small, large) in cli.DEFAULTS.items():
+        assert (getattr(quick, name), getattr(full, name)) == (small, large), name
+    assert cli.parse_args(["--suite", "linalg, steps"]).suites == ("linalg", "steps")
+    assert full.suites == tuple(cli.SUITES)
 
 
 def test_crossover():
     rows = [{"method": "fixed", "phase": "train", "rank": r, "ratio_to_dense": q}
             for r, q in ((10, 0.5), (20, 0.8), (40, 1.25))]
-    text = bench.crossover(rows, "fixed", "train")
+    text = timing_study.crossover(rows, "fixed", "train")
     assert text.startswith("~") and 20 < float(text[1:].split()[0]) < 40
-    assert bench.crossover(rows[:2], "fixed", "train").startswith("> 20")
+    assert timing_study.crossover(rows[:2], "fixed", "train").startswith("> 20")
 
 
 def test_outputs_are_readable_by_others(quick_run):
@@ -119,3 +184,44 @@ def test_outputs_are_readable_by_others(quick_run):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+def test_the_memory_measurement_is_exact_on_tensors_of_known_size():
+    """4 MiB, then 8 MiB (12 live), free the 4, then 2 MiB: the peak is 12 MiB to the byte; and a small net's
+    parts at its peak are its parameters, gradients, optimizer state and the optimizer's temporaries."""
+    from dlrt.bench.memory import peak_step_memory
+
+    mib = 2 ** 20
+
+    def step():
+        a = torch.empty(4 * mib, dtype=torch.uint8)
+        b = torch.empty(8 * mib, dtype=torch.uint8)
+        del a
+        return b, torch.empty(2 * mib, dtype=torch.uint8)
+
+    measured = peak_step_memory(step, warmup=1)
+    assert measured.peak == 12 * mib
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(64, 256)
+
+    def train():
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+
+    measured = peak_step_memory(train, net, opt)
+    weights = sum(p.numel() for p in net.parameters()) * 4
+    assert measured.parts["parameters"] == weights and measured.parts["optimizer state"] == weights
+    # the ReLU saves its output (which the second linear saves too: one storage), square its input; x is older
+    assert measured.saved_for_backward == (64 * 512 + 64 * 10) * 4
+    assert measured.peak == sum(measured.parts.values())
+
+
+def test_the_memory_suite_writes_dense_beside_each_method(tmp_path):
+    assert cli.main(["--quick", "--device", "cpu", "--suite", "memory", "--out", str(tmp_path), "--threads", "1"]) == 0
+    rows = _rows(tmp_path / "memory.csv")
+    study = [r for r in rows if r["case"] == "timing_study_r8" and r["optimizer"] == "adam"]
+    assert [r["method"] for r in study] == ["dense", "adaptive", "fixed", "parallel"]
+    assert all(_positive(r["peak_mib"]) for r in study) and float(study[0]["pct_of_dense"]) == 100
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"

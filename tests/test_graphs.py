@@ -243,18 +243,20 @@ def test_the_cpu_shortcuts_are_refused():
 
 
 def test_the_bench_times_graphed_steps_on_cuda_only():
-    from dlrt import bench
+    from dlrt.bench import cases, steps, timing_study
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert "adaptive_graphed" not in bench.step_methods(cpu) + tuple(bench.timing_methods(cpu, "only"))
-    assert "adaptive_graphed" in bench.step_methods(cuda) and "adaptive_graphed" in bench.timing_methods(cuda)
-    assert "adaptive_graphed" not in bench.step_methods(cuda, "without") + tuple(bench.timing_methods(cuda, "without"))
-    assert bench.step_methods(cuda, "only") == ("dense", "adaptive_graphed")  # dense first: the reference
-    assert bench.timing_methods(cuda, "only") == ["adaptive_graphed"]
-    case = bench.step_cases(quick=True)[0]  # LeNet5 at its ranks, batch 16
-    runner = bench.make_runner("adaptive_graphed", case, torch.device("cpu"))
+    assert "adaptive_graphed" not in steps.step_methods(cpu) + tuple(timing_study.timing_methods(cpu, "only"))
+    assert "adaptive_graphed" in steps.step_methods(cuda) and "adaptive_graphed" in timing_study.timing_methods(cuda)
+    assert "adaptive_graphed" not in (steps.step_methods(cuda, "without")
+                                      + tuple(timing_study.timing_methods(cuda, "without")))
+    assert steps.step_methods(cuda, "only") == ("dense", "adaptive_graphed")  # dense first: the reference
+    assert timing_study.timing_methods(cuda, "only") == ["adaptive_graphed"]
+    case = cases.step_cases(quick=True)[0]  # LeNet5 at its ranks, batch 16
+    runner = cases.make_runner("adaptive_graphed", case, torch.device("cpu"))
+    assert not runner.opt.takes_checked_shortcuts()  # graphed steps take the GPU's path, also on a CPU
     runner.step.graphs = ReplayGraphs()  # the stand-in, on the CPU
-    batches = bench.synthetic_batches(case, torch.device("cpu"), 2)
+    batches = cases.synthetic_batches(case, torch.device("cpu"), 2)
     for i in range(4):
         runner.step(*batches[i % 2])
     assert runner.step._second is not None  # warmed up, captured, replayed
@@ -264,12 +266,13 @@ def test_the_bench_times_graphed_steps_on_cuda_only():
 def test_a_failed_capture_is_recorded_once_in_the_timing_study(tmp_path, monkeypatch):
     """As on a GPU whose QR or SVD cannot be captured: here CudaGraphs fails on a CPU-only machine. The error
     is written in the graphed rows of the first rank, the method is not tried again, the others are measured."""
-    from dlrt import bench
+    from dlrt.bench import cli, timing_study
 
-    monkeypatch.setattr(bench, "timing_methods", lambda device, graphs: [*bench.TIMING_METHODS, "adaptive_graphed"])
+    monkeypatch.setattr(timing_study, "timing_methods",
+                        lambda device, graphs: [*timing_study.TIMING_METHODS, "adaptive_graphed"])
     monkeypatch.setattr(torch.cuda, "Stream", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA here")))
-    code = bench.main(["--quick", "--device", "cpu", "--suite", "timing_study", "--ranks", "2,4", "--threads", "1",
-                       "--out", str(tmp_path)])
+    code = cli.main(["--quick", "--device", "cpu", "--suite", "timing_study", "--ranks", "2,4", "--threads", "1",
+                     "--out", str(tmp_path)])
     assert code == 0
     with open(tmp_path / "timing_study.csv") as f:
         rows = list(csv.DictReader(f))
