@@ -18,29 +18,37 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# One thread: beside another busy process a second thread makes LAPACK stall (tests/conftest.py says more).
 run: $(STAMP)
-	$(RUN) model=lenet5 tau=0.15 epochs=5 data.subset=20000
+	$(RUN) model=lenet5 tau=0.15 epochs=5 data.subset=20000 threads=1
 
-# The paper's MNIST tables from real runs (finished runs are skipped, interrupted ones resume), then
-# results/tables/*.csv|md and results/plots/*.png. QUICK=1: a few epochs on a data subset, into
-# runs_quick/ and results/quick/, to try the pipeline in minutes on a CPU.
+# The paper's MNIST tables from real runs, then results/tables/*.csv|md and results/plots/*.png. RUNS (default
+# results/runs, the committed run records) is where run folders go: finished runs are skipped and interrupted ones
+# resume, so the default completes what is missing; RUNS=runs reruns everything in a folder of your own.
+# QUICK=1: a few epochs on a data subset, into runs_quick/ and results/quick/, to try the pipeline in minutes.
+RUNS ?= results/runs
+TABLES := $(VENV)/bin/dlrt-tables --archive results/archive/2026-11-27
 ifeq ($(QUICK),1)
-SWEEP_ARGS := out_dir=runs_quick data.subset=5000 progress=false
+SWEEP_ARGS := out_dir=runs_quick data.subset=5000 progress=false threads=1
 reproduce-tables: $(STAMP)
 	$(RUN) -m experiment=lenet5_mnist seed=0,1 epochs=2 $(SWEEP_ARGS)
 	$(RUN) -m experiment=lenet5_mnist method=dense tau=0 seed=0,1 epochs=2 $(SWEEP_ARGS)
 	$(RUN) -m experiment=fc_mnist tau=0.09,0.17 epochs=1 finetune.epochs=1 $(SWEEP_ARGS)
 	$(RUN) -m experiment=fc_mnist method=dense tau=0 epochs=1 $(SWEEP_ARGS)
 	$(RUN) -m experiment=dlrt_vs_uv seed=0,1 epochs=2 $(SWEEP_ARGS)
-	$(VENV)/bin/dlrt-tables --runs runs_quick --out results/quick
+	$(RUN) -m experiment=dlrt_vs_uv_authors seed=0 epochs=2 $(SWEEP_ARGS)
+	$(TABLES) --runs runs_quick --out results/quick
 else
+SWEEP_ARGS := out_dir=$(RUNS) progress=false threads=1
 reproduce-tables: $(STAMP)
-	$(RUN) -m experiment=lenet5_mnist progress=false
-	$(RUN) -m experiment=lenet5_mnist method=dense tau=0 epochs=10 progress=false
-	$(RUN) -m experiment=fc_mnist progress=false
-	$(RUN) -m experiment=fc_mnist method=dense tau=0 progress=false
-	$(RUN) -m experiment=dlrt_vs_uv progress=false
-	$(VENV)/bin/dlrt-tables --runs runs --out results
+	$(RUN) -m experiment=lenet5_mnist $(SWEEP_ARGS)
+	$(RUN) -m experiment=lenet5_mnist method=dense tau=0 epochs=10 $(SWEEP_ARGS)
+	$(RUN) -m experiment=lenet5_mnist model.init=svd $(SWEEP_ARGS)
+	$(RUN) -m experiment=dlrt_vs_uv_authors $(SWEEP_ARGS)
+	$(RUN) -m experiment=dlrt_vs_uv $(SWEEP_ARGS)
+	$(RUN) -m experiment=fc_mnist $(SWEEP_ARGS)
+	$(RUN) -m experiment=fc_mnist method=dense tau=0 $(SWEEP_ARGS)
+	$(TABLES) --runs $(RUNS) --out results
 endif
 
 bench: $(STAMP)

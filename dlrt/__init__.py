@@ -11,8 +11,8 @@ _NAMES = {
     "LowRankLinear": "layers", "LowRankConv2d": "layers", "StepInputs": "layers", "low_rank_layers": "layers",
     "convert": "conversion", "merge": "conversion", "DLRTOptimizer": "optim", "METHODS": "optim",
 }
-_MODULES = ("conversion", "distributed", "export", "functional", "graphs", "integrators", "layers", "linalg", "metrics",
-            "optim", "update_rules")
+_MODULES = ("conversion", "distributed", "export", "functional", "graphs", "groups", "integrators", "layers",
+            "linalg", "metrics", "optim", "update_rules")
 
 __all__ = [*_NAMES, "metrics", "export"]
 __version__ = "0.2.0"

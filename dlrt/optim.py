@@ -49,8 +49,9 @@ from torch import nn
 from . import functional as fns
 from . import linalg
 from .distributed import all_reduce_mean, broadcast_buffers, world_size
-from .layers import StepInputs, _LowRankLayer, low_rank_layers
-from .update_rules import RULES, STATE_POLICIES, make_rule
+from .groups import bounds, check_hyperparameters, factors, layers_of, groups_of, make_dense_optimizer
+from .layers import StepInputs, _LowRankLayer
+from .update_rules import make_rule
 
 METHODS = tuple(fns.METHODS)
 SVD_PLACES = ("auto", "device", "host")
@@ -92,7 +93,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, tau=tau, absolute_tau=absolute_tau, r_min=r_min, r_max=r_max,
                         state_policy=state_policy, optimizer=optimizer, momentum=momentum, betas=tuple(betas), eps=eps)
         check_hyperparameters(defaults)
-        groups, modules = _low_rank_groups(params)
+        groups, modules = groups_of(params)
         self._modules = modules
         self._layers: list[_LowRankLayer] = []  # in the order given, whatever groups they move between
         super().__init__(groups, defaults)
@@ -103,7 +104,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     dense_params.append(p)
-        self.dense_optimizer = _make_dense_optimizer(dense_optimizer, dense_params, defaults)
+        self.dense_optimizer = make_dense_optimizer(dense_optimizer, dense_params, defaults)
         self.param_groups = self.param_groups + self.dense_optimizer.param_groups
         if method == "vanilla":
             fns.absorb_singular_values(self.layers)
@@ -124,11 +125,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self.param_groups = self.low_rank_groups + self.dense_optimizer.param_groups
             return
         group = dict(param_group)
-        group["layers"] = _layers_of(group["layers"])
+        group["layers"] = layers_of(group["layers"])
         taken = {id(layer) for g in self.low_rank_groups for layer in g["layers"]}
         if any(id(layer) in taken for layer in group["layers"]):
             raise ValueError("a low-rank layer is in more than one param group")
-        group["params"] = _factors(group["layers"])
+        group["params"] = factors(group["layers"])
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         check_hyperparameters(group)
@@ -156,7 +157,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def rank_bounds(self) -> list[tuple[int, int]]:
         """(r_min, r_max) of every layer, as the truncation applies them (its group's, capped by its size)."""
-        return [_bounds(layer, self._group_of(layer)) for layer in self._layers]
+        return [bounds(layer, self._group_of(layer)) for layer in self._layers]
 
     def _group_of(self, layer: _LowRankLayer) -> dict:
         return next(g for g in self.low_rank_groups if any(item is layer for item in g["layers"]))
@@ -168,9 +169,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
         group = self._group_of(layer)
         if len(group["layers"]) > 1:
             group["layers"] = [item for item in group["layers"] if item is not layer]
-            group["params"] = _factors(group["layers"])
+            group["params"] = factors(group["layers"])
             own = {key: value for key, value in group.items() if key not in LOW_RANK_KEYS}
-            own.update(layers=[layer], params=_factors([layer]))
+            own.update(layers=[layer], params=factors([layer]))
             self.param_groups.insert(self.param_groups.index(group) + 1, own)
             group = own
         group["r_min"], group["r_max"] = r_min, r_max
@@ -179,7 +180,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _refresh_factor_params(self) -> None:
         """Point each low-rank group at its layers' current factors (a rank change makes new Parameters)."""
         for group in self.low_rank_groups:
-            group["params"] = _factors(group["layers"])
+            group["params"] = factors(group["layers"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._refresh_factor_params()
@@ -284,7 +285,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for group in self.low_rank_groups:
             for layer in group["layers"]:
                 if (layer.S.grad if self.method == "s_only" else layer.U.grad) is not None:
-                    steps.append(fns.LayerStep(layer, self._state_of(layer, group), group, *_bounds(layer, group)))
+                    steps.append(fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group)))
         return steps
 
     def _state_of(self, layer: _LowRankLayer, group: dict) -> dict:
@@ -354,7 +355,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for saved in saved_groups:
             group = {key: value for key, value in saved.items() if key != "layers"}
             group["layers"] = [layers[i] for i in saved["layers"]]
-            group["params"] = _factors(group["layers"])
+            group["params"] = factors(group["layers"])
             groups.append(group)
         self.state = defaultdict(dict)
         for i, state in state_dict["state"].items():
@@ -369,92 +370,3 @@ class DLRTOptimizer(torch.optim.Optimizer):
         group = {key: value for key, value in self.low_rank_groups[0].items() if key not in LOW_RANK_KEYS}
         group.update(lr=old["low_rank_lr"], layers=list(range(len(old["layer_states"]))))
         return {"state": dict(enumerate(old["layer_states"])), "param_groups": [group], "dense": old["dense"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# set-up helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def check_hyperparameters(group: dict) -> None:
-    """Refuse values that cannot work, naming the key."""
-    if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
-        raise ValueError(f"lr must be a number >= 0, got {group['lr']!r}")
-    if group["absolute_tau"] and not group["tau"] >= 0:
-        raise ValueError(f"an absolute tau must be >= 0, got {group['tau']}")
-    if not group["absolute_tau"] and not 0 <= group["tau"] < 1:
-        raise ValueError(f"tau (relative truncation tolerance) must be in [0, 1), got {group['tau']}")
-    if group["state_policy"] not in STATE_POLICIES:
-        raise ValueError(f"unknown state_policy {group['state_policy']!r}: choose one of {', '.join(STATE_POLICIES)}")
-    if group["optimizer"] not in RULES:
-        raise ValueError(f"unknown optimizer {group['optimizer']!r}: choose one of {', '.join(RULES)}")
-    r_min, r_max = group["r_min"], group["r_max"]
-    if isinstance(r_min, bool) or not isinstance(r_min, int) or r_min < 1:
-        raise ValueError(f"r_min must be an integer >= 1, got {r_min!r}")
-    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
-        raise ValueError(f"r_max must be None or an integer >= r_min = {r_min}, got {r_max!r}")
-    make_rule(group["optimizer"], group["momentum"], group["betas"], group["eps"])  # checks the rule's own
-
-
-def _bounds(layer: _LowRankLayer, group: dict) -> tuple[int, int]:
-    r_max = layer.max_rank // 2 if group["r_max"] is None else min(group["r_max"], layer.max_rank)
-    return min(group["r_min"], layer.max_rank), r_max
-
-
-def _factors(layers: list[_LowRankLayer]) -> list[nn.Parameter]:
-    return [p for layer in layers for p in (layer.U, layer.S, layer.V)]
-
-
-def _layers_of(items) -> list[_LowRankLayer]:
-    items = [items] if isinstance(items, nn.Module) else list(items)
-    if not all(isinstance(item, nn.Module) for item in items):
-        raise TypeError("DLRTOptimizer takes the model (or modules holding its low-rank layers), not its parameters: "
-                        "it replaces a layer's factors when the rank changes, so it needs the layers. "
-                        "Write DLRTOptimizer(model, lr=...) rather than DLRTOptimizer(model.parameters(), lr=...)")
-    layers, seen = [], set()
-    for item in items:
-        for layer in low_rank_layers(item):
-            if id(layer) not in seen:
-                seen.add(id(layer))
-                layers.append(layer)
-    return layers
-
-
-def _low_rank_groups(params) -> tuple[list[dict], list[nn.Module]]:
-    """The low-rank param groups and the modules given (for the dense parameters and the buffers)."""
-    if isinstance(params, nn.Module):
-        entries = [{"params": params}]
-    elif isinstance(params, dict):
-        entries = [params]
-    else:
-        entries = list(params)
-        if not all(isinstance(entry, dict) for entry in entries):
-            _layers_of(entries)  # raises the explanation when these are tensors
-            entries = [{"params": entries}]
-    modules, groups = [], []
-    for entry in entries:
-        given = entry["params"]
-        modules += [given] if isinstance(given, nn.Module) else list(given)
-        group = {key: value for key, value in entry.items() if key != "params"}
-        group["layers"] = _layers_of(given)
-        group["params"] = _factors(group["layers"])
-        groups.append(group)
-    return groups, modules
-
-
-def _make_dense_optimizer(given, params: list, defaults: dict) -> torch.optim.Optimizer:
-    if isinstance(given, torch.optim.Optimizer):
-        return given
-    if given is not None:
-        return given(params)
-    # torch refuses an empty parameter list; a placeholder keeps the code paths uniform
-    params = params or [torch.zeros(0, requires_grad=True)]
-    # Fused kernels step all the small tensors (biases, a classifier) in one call: on a CPU that is
-    # 0.06 against 0.15 ms (foreach) for the FC net's. Torch has them for floating tensors on a CPU or GPU.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    lr = defaults["lr"]
-    if defaults["optimizer"] == "adam":  # capturable: its step counts stay on the GPU, so a CUDA graph can hold it
-        capturable = fused and all(p.is_cuda for p in params)
-        return torch.optim.Adam(params, lr=lr, betas=defaults["betas"], eps=defaults["eps"], fused=fused,
-                                capturable=capturable)
-    return torch.optim.SGD(params, lr=lr, momentum=defaults["momentum"], fused=fused)
