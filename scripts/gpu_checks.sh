@@ -6,7 +6,7 @@
 #   bash scripts/gpu_checks.sh "$OUT"                                      # on the GPU machine
 #   PYTHON=.venv/bin/python bash scripts/gpu_checks.sh /tmp/try --quick    # here, on the CPU, to try it
 #
-# Into the folder given it writes gpu_bench.tar.gz (dlrt-bench's steps, breakdown, linalg and timing-study
+# Into the folder given it writes gpu_bench.tar.gz (dlrt-bench's steps, breakdown, linalg, memory and timing-study
 # CSV/TXT/PNG files; graphed/ holds the steps and timing study of CUDA-graphed steps against dense; capture/
 # what a CUDA graph can hold, from scripts/probe_graph_capture.py) and a log.
 # Unpack the archive into results/bench/gpu/ and say there which card made the numbers. Each bench call has a
@@ -30,6 +30,9 @@ ranks=${RANKS:-5,10,20,40,80,160,320,640,1280}
   timeout 90 "$PYTHON" scripts/probe_graph_capture.py --device "$device" --out "$work/capture" || echo "capture probe: exit status $?"
   timeout "${BENCH_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite steps,breakdown,linalg \
     --graphs without --out "$work" "$@" || echo "steps/breakdown/linalg: exit status $?"
+  # peak memory of a training step, dense beside each method (issue 18): max_memory_allocated on a GPU
+  timeout "${MEMORY_SECONDS:-150}" "$PYTHON" -m dlrt.bench --device "$device" --suite memory --out "$work" "$@" \
+    || echo "memory: exit status $?"
   timeout "${TIMING_SECONDS:-200}" "$PYTHON" -m dlrt.bench --device "$device" --suite timing_study \
     --graphs without --ranks "$ranks" --ts-max-seconds 5 --out "$work" "$@" || echo "timing study: exit status $?"
   # CUDA graphs (adaptive_graphed against dense) last, in a process of their own, into graphed/: a capture
