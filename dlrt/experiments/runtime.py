@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,38 +43,41 @@ def device_name(device: torch.device) -> str:
 
 @dataclass
 class Workers:
-    """This process's place in a data-parallel run (rank 0 of 1 when not under torchrun)."""
+    """This process's place in a data-parallel run (rank 0 of 1 when not under torchrun). Which examples are this
+    worker's is decided by dlrt.experiments.data.sharding; `device` is where its collectives' tensors live (the
+    GPU for nccl, the CPU for gloo)."""
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batches: Iterable) -> Iterable:
-        """Every worker draws the same global batch (same seed) and trains on its own slice of it."""
-        for x, y in batches:
-            yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]
-
     def total(self, *values: float) -> list[float]:
-        """Sums over the workers (for losses and counts that each worker has for its own shard)."""
+        """Sums over the workers, in one collective (for losses and counts that each worker has for its own
+        shard)."""
         if self.world_size == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
 
 def init_workers(device: torch.device) -> Workers:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs)."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs). torchrun's environment
+    says where: RANK, WORLD_SIZE, LOCAL_RANK (the GPU of this process, resolve_device), MASTER_ADDR and MASTER_PORT.
+    On a GPU the process makes its GPU the current one, which nccl and DataLoader's pinned memory follow."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
-        return Workers()
+        return Workers(device=device)
     dist = torch.distributed
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Workers(dist.get_rank(), dist.get_world_size())
+    return Workers(dist.get_rank(), dist.get_world_size(), device)
 
 
 def configure_cpu(cfg: DictConfig) -> None:

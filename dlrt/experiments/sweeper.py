@@ -34,7 +34,12 @@ class CheckingSweeper(BasicSweeper):
         returns, failures, first = [], [], 0
         while not self.is_done():
             batch = self.get_job_batch()
-            results = self.launcher.launch(batch, initial_job_idx=first)
+            try:
+                results = self.launcher.launch(batch, initial_job_idx=first)
+            except Exception as error:  # a launcher that lost a job (submitit: a killed job has no output)
+                raise SweepFailed([f"jobs {first}-{first + len(batch) - 1}: the launcher lost a job "
+                                   f"({' '.join(str(error).split())[:200]}); finished runs are in their folders, and "
+                                   "the same command resumes the others"]) from None
             for number, (job, result) in enumerate(zip(batch, results), start=first):
                 if result.status == JobStatus.FAILED:
                     error = result._return_value

@@ -65,16 +65,20 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable, precision: str = "fp32") -> Evaluation:
+def evaluate(model, batches: Iterable, precision: str = "fp32", workers: Workers | None = None) -> Evaluation:
+    """Loss and accuracy over the batches; with `workers`, each worker's batches are its block of the set and the
+    sums (loss, correct, count) are added over the workers in one collective, so every worker gets the numbers of
+    the whole set. The sums stay on the device until the end: one host synchronisation, not one per batch."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = correct = seen = None
     for x, y in batches:
         with autocast(x.device, precision):
             logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+        sums = (F.cross_entropy(logits, y, reduction="sum").double(), (logits.argmax(1) == y).sum(), len(y))
+        total_loss, correct, seen = sums if seen is None else (total_loss + sums[0], correct + sums[1], seen + sums[2])
     model.train()
+    values = (0.0, 0, 0) if seen is None else (total_loss.item(), correct.item(), seen)
+    total_loss, correct, seen = values if workers is None else workers.total(*values)
     if not seen:  # no validation set (data.split=train_test)
         return Evaluation(math.nan, math.nan)
     return Evaluation(total_loss / seen, 100.0 * correct / seen)
@@ -95,7 +99,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     workers = init_workers(device)
     configure_cpu(cfg)
     torch.manual_seed(cfg.seed)
-    data = load_device_data(cfg, device)
+    data = load_device_data(cfg, device, workers)
     model = make_model(cfg, data.input_shape, data.num_classes).to(device)
     schedule = [(phase, method) for phase, method, epochs in phases(cfg) for _ in range(epochs)]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -144,7 +148,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
 def _train_and_evaluate(cfg, epoch, total, phase, model, optimizer, scheduler, graphed, data, generator, workers,
                         stop, folder, rows) -> dict:
     epoch_start = time.time()
-    bar = tqdm(workers.shard(data.train_batches(generator)), total=data.batches_per_epoch,
+    bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch,
                desc=f"epoch {epoch + 1}/{total}", leave=False, disable=not (cfg.progress and workers.is_main),
                file=sys.stderr)
     try:
@@ -163,8 +167,8 @@ def _train_and_evaluate(cfg, epoch, total, phase, model, optimizer, scheduler, g
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     train_time = time.time() - epoch_start
-    val = evaluate(model, data.eval_batches["val"](), cfg.precision)
-    test = evaluate(model, data.eval_batches["test"](), cfg.precision)
+    val = evaluate(model, data.eval_batches["val"](), cfg.precision, workers)
+    test = evaluate(model, data.eval_batches["test"](), cfg.precision, workers)
     if scheduler is not None:
         scheduler.step(val.loss)
     ranks = [layer.rank for layer in low_rank_layers(model)]
@@ -230,11 +234,14 @@ def cfg_command() -> str:
 
 def train_epoch(model, optimizer, batches: Iterable, workers: Workers, stop: _StopSignals,
                 precision: str = "fp32", graphed=None):
-    """One pass over the batches; returns (loss sum, correct, seen) over all workers.
+    """One pass over this worker's batches; returns (loss sum, correct, seen) over all workers.
 
-    One host synchronisation per batch besides the optimizer's: the loss, checked inside the closure, before the
-    step changes the factors (their SVD would fail on a NaN). With `graphed`, the steps are taken from CUDA graphs
-    (dlrt.graphs), with the same check between the graphs.
+    A batch is a data.Batch (x, y, count, global_count) or a plain (x, y). Each worker's mean loss is weighted by
+    its share of the global batch (Batch.loss_weight: 1 whenever the workers' shards are equal), so that the
+    optimizer's average of the workers' gradients is the gradient of the global batch's mean loss; a stand-in
+    batch (count 0) adds nothing. One host synchronisation per batch besides the optimizer's: the loss, checked
+    inside the closure, before the step changes the factors (their SVD would fail on a NaN). With `graphed`, the
+    steps are taken from CUDA graphs (dlrt.graphs), with the same check between the graphs.
     """
     loss_sum, seen = 0.0, 0
     device = next(model.parameters()).device
@@ -242,33 +249,40 @@ def train_epoch(model, optimizer, batches: Iterable, workers: Workers, stop: _St
     check = _LossCheck(workers)
     if graphed is not None:
         graphed.check_loss = check
-    for xb, yb in batches:
+    for batch in batches:
+        xb, yb = batch[0], batch[1]
+        count = batch[2] if len(batch) > 2 else len(yb)
+        weight = batch.loss_weight(workers.world_size) if len(batch) > 2 else 1.0
         if graphed is None:
             first = {}
 
-            def closure(xb=xb, yb=yb):  # the optimizer calls it (twice for method="fixed")
+            def closure(xb=xb, yb=yb, weight=weight):  # the optimizer calls it (twice for method="fixed")
                 optimizer.zero_grad()
                 with autocast(device, precision):
                     logits = model(xb)
                     loss = F.cross_entropy(logits, yb)
-                check(loss.detach())
+                check(loss.detach(), counts=count > 0)
                 first.setdefault("logits", logits.detach())
                 first.setdefault("loss", check.value)
-                loss.backward()
+                (loss if weight == 1 else loss * weight).backward()
                 return loss
 
             optimizer.step(closure)
             logits, value = first["logits"], first["loss"]
         else:
+            if weight != 1:
+                raise RuntimeError("CUDA-graphed steps take whole batches of one process (cuda_graphs=true needs "
+                                   "one process)")
             _, logits = graphed(xb, yb)
             value = check.value
         if stop.received:
             raise Interrupted(f"{stop.received} received")
-        loss_sum += value * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
+        if count:
+            loss_sum += value * count
+            correct += (logits.argmax(1) == yb).sum()
+            seen += count
         if hasattr(batches, "set_postfix"):
-            batches.set_postfix(loss=f"{loss_sum / seen:.4f}", ranks=optimizer.ranks(), refresh=False)
+            batches.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", ranks=optimizer.ranks(), refresh=False)
     return workers.total(loss_sum, correct.item(), seen)
 
 
@@ -279,7 +293,8 @@ class _LossCheck:
     def __init__(self, workers: Workers):
         self.workers, self.value = workers, math.nan
 
-    def __call__(self, loss: torch.Tensor) -> None:
+    def __call__(self, loss: torch.Tensor, counts: bool = True) -> None:
         self.value = loss.item()
-        if not math.isfinite(self.workers.total(self.value)[0]):  # all workers stop together
+        checked = self.value if counts else 0.0  # a stand-in batch's loss is not the run's
+        if not math.isfinite(self.workers.total(checked)[0]):  # all workers stop together
             raise TrainingDiverged(f"loss became {self.value}")
