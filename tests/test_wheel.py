@@ -1,6 +1,7 @@
 """dlrt installs as users install packages: a wheel, installed outside the checkout, runs dlrt-run from another
 folder (its configs ship inside the package)."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,11 @@ def run(*args, **kwargs):
 
 
 def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", REPO)
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree, and must not leave build/ in ours
+    kept = {"pyproject.toml", "README.md", "dlrt", "hydra_plugins"}
+    shutil.copytree(REPO, source, ignore=lambda folder, names: [n for n in names if n == "__pycache__" or
+                                                                (Path(folder) == REPO and n not in kept)])
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("dlrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "dlrt/experiments/conf/config.yaml" in names and "dlrt/experiments/conf/model/lenet5.yaml" in names

@@ -1,4 +1,4 @@
-"""Figures beside the tables of dlrt.tables, as PNG files (matplotlib, Agg backend: no display needed).
+"""Figures beside the tables of dlrt.report.tables, as PNG files (matplotlib, Agg backend: no display needed).
 
     lenet5_rank_evolution.png         rank of each low-rank LeNet5 layer per epoch, one line per ϑ
     lenet5_accuracy_compression.png   test accuracy and compression rate against ϑ, ours and the paper's
