@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from .arrays import DATASETS, SPLITS, DataError, DataNotFoundError, DataSplits, data_shape, iterate_batches, load_data
+from .arrays import DATASETS, SPLITS, DataSplits, data_shape, iterate_batches, load_data
+from .errors import DataError, DataNotFoundError
 from .images import IMAGE_DATASETS, IMAGE_SHAPES
 from .sharding import Batch, EpochPlan, Shard, shard_sizes, tensor_batches, tensor_chunks
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import sources
-from .errors import DataError, DataNotFoundError  # noqa: F401  (raised here, and part of this module's interface)
+from .errors import DataError
 
 DATASETS = ("mnist", "fashion_mnist", "synthetic")
 SPLITS = ("standard", "paper", "train_test")

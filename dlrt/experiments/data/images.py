@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .arrays import DataError, DataNotFoundError
+from .errors import DataError, DataNotFoundError
 from .sharding import Batch, EpochPlan, Shard
 
 IMAGE_DATASETS = ("cifar10", "imagenet")
