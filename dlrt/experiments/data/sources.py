@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 import struct
 import subprocess
@@ -190,14 +189,13 @@ def _load_cache(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _save_cache(raw: dict[str, torch.Tensor], path: Path) -> None:
-    """Write to a temporary name and rename, so a crash never leaves half a cache file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """Written atomically, so a crash never leaves half a cache file."""
+    from ..run_folder import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(raw, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(raw, tmp))
     except OSError as err:  # a read-only data root only costs speed: the data are in hand
-        tmp.unlink(missing_ok=True)
         print(f"could not cache the data set at {path} ({err}); continuing without", file=sys.stderr)
         return
     print(f"cached at {path}", file=sys.stderr)
