@@ -348,3 +348,15 @@ def test_the_authors_setup_is_compared_with_the_papers_first_epochs(tmp_path):
     assert "| 1 | DLRT | 2 | 90.50 ± 0.71 | 97.8 | 81.50 ± 0.71 | 80.96 ± 6.95 | yes |" in md
     assert "| 10^-k | DLRT | 2 | 50.50 ± 0.71 | 97.1 | 15.50 ± 0.71 | 39.06 ± 18.40 | yes | 50.50 ± 0.71 | 77.82 ± 6.39 | no |" in md
     assert "U V^T, convs frozen (the authors')" in md and "the authors' setup" in md
+
+
+def test_two_folders_of_the_same_run_count_once(tmp_path):
+    """The same run under two folder names (dlrt-run named ϑ = 0 "tau0" before its config was typed, "tau0.0" after):
+    the later one counts, once."""
+    runs = tmp_path / "runs"
+    lenet5_runs(runs)
+    write_run(runs, "lenet5_mnist", "lenet5-mnist-dense-tau0.0-seed0_epochs=2", config("lenet5", "dense", 0.0, 0, 2),
+              [(0.2, 97.0, None), (0.1, 90.0, None)], finished="2026-02-01T00:00:00+00:00")
+    main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--experiments", "lenet5_mnist"])
+    dense = lenet5_row(table(tmp_path / "out", "lenet5_mnist"), "dense")
+    assert dense["n_seeds"] == 2 and dense["test_acc_mean"] == pytest.approx((90.0 + 98.9) / 2)

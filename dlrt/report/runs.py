@@ -161,6 +161,11 @@ def group_runs(completed: list[Run], failed: list[Run], key: Callable, paper_row
     for index, runs in enumerate((completed, failed)):
         for run in runs:
             groups[(*key(run), labels[run.name])][index].append(run)
+    for done, _ in groups.values():  # one seed counts once: two folders of the same run (named by two code versions)
+        latest = {}
+        for run in sorted(done, key=lambda r: r.summary.get("finished", "")):
+            latest[run.seed] = run
+        done[:] = sorted(latest.values(), key=lambda r: r.seed)
     for row in paper_rows:
         if not any(found[:-1] == row for found in groups):
             groups[(*row, "")] = ([], [])
