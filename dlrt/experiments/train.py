@@ -103,7 +103,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     model = make_model(cfg, data.input_shape, data.num_classes).to(device)
     schedule = [(phase, method) for phase, method, epochs in phases(cfg) for _ in range(epochs)]
     generator = torch.Generator().manual_seed(cfg.seed)
-    rows, best, start = [], None, 0
+    rows, best, start, checkpoint = [], None, 0, None
     if folder.file("checkpoint.pt").exists():
         checkpoint = folder.load("checkpoint.pt", map_location=device)
         model.load_state_dict(checkpoint["model"])
@@ -115,13 +115,8 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     phase_of = lambda epoch: schedule[epoch][1]
     optimizer = scheduler = graphed = None
     if start < len(schedule):
-        optimizer, scheduler = make_optimizer(cfg, model, phase_of(start)), None
-        scheduler = make_scheduler(cfg, optimizer)
-        if start > 0:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(checkpoint["scheduler"])
-        graphed = make_graphed_step(cfg, model, optimizer)
+        same_phase = start > 0 and phase_of(start - 1) == phase_of(start)  # else the phase starts afresh
+        optimizer, scheduler, graphed = _phase(cfg, model, phase_of(start), checkpoint if same_phase else None)
     if workers.is_main:
         print(f"{cfg.model.name} on {cfg.data.name}: {plan_text(cfg)}, ϑ = {cfg.tau}, seed {cfg.seed}, on "
               f"{device_name(device)}", file=sys.stderr)
@@ -129,8 +124,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     with _StopSignals() as stop:
         for epoch in range(start, len(schedule)):
             if epoch > start and phase_of(epoch) != phase_of(epoch - 1):  # the fine-tuning phase starts
-                optimizer = make_optimizer(cfg, model, phase_of(epoch))
-                scheduler, graphed = make_scheduler(cfg, optimizer), make_graphed_step(cfg, model, optimizer)
+                optimizer, scheduler, graphed = _phase(cfg, model, phase_of(epoch))
             row = _train_and_evaluate(cfg, epoch, len(schedule), schedule[epoch][0], model, optimizer, scheduler,
                                       graphed, data, generator, workers, stop, folder, rows)
             rows.append(row)
@@ -143,6 +137,17 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     if workers.is_main:
         folder.write_summary(summary)
     return summary
+
+
+def _phase(cfg, model, method: str, checkpoint: dict | None = None):
+    """The optimizer, scheduler and graphed step of a phase, with the checkpoint's states when it resumes one."""
+    optimizer = make_optimizer(cfg, model, method)
+    scheduler = make_scheduler(cfg, optimizer)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+    return optimizer, scheduler, make_graphed_step(cfg, model, optimizer)
 
 
 def _train_and_evaluate(cfg, epoch, total, phase, model, optimizer, scheduler, graphed, data, generator, workers,
