@@ -224,3 +224,26 @@ def test_export_rebuilds_an_image_folder_net_of_any_class_count(tmp_path):
     assert summary["num_classes"] == 7
     model = load_exported(export_run(run_dir, "dense"))
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_a_run_resumed_where_its_fine_tuning_begins_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    from dlrt.experiments import train as trainer
+
+    cfg = compose_cfg("model=fc", "model.width=32", "epochs=1", "finetune.epochs=2", "data.n_train=512", "optim.momentum=0.9",
+                      "optim=sgd")
+    train_into(cfg, tmp_path / "whole")
+    real = trainer._train_and_evaluate
+
+    def stop_before_fine_tuning(cfg, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise trainer.Interrupted("SIGTERM received")
+        return real(cfg, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_train_and_evaluate", stop_before_fine_tuning)
+    with pytest.raises(trainer.Interrupted):
+        train_into(cfg, tmp_path / "split")
+    monkeypatch.setattr(trainer, "_train_and_evaluate", real)
+    train_into(cfg, tmp_path / "split")
+    columns = ["phase", "train_loss", "val_loss", "test_acc", "ranks"]
+    whole, split = (pd.read_csv(tmp_path / name / "epochs.csv")[columns] for name in ("whole", "split"))
+    pd.testing.assert_frame_equal(split, whole)
