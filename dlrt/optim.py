@@ -30,8 +30,9 @@ its result on the host.
 
 `svd_on`: where the cores' SVDs are taken, "device", "host" (LAPACK on one CPU thread, the cores copied over
 and back in one copy each) or "auto": on the host for a GPU step whose cores are all at most
-HOST_SVD_MAX_SIZE. `checked_shortcuts`: whether to take the CPU's self-checking QR and Gram-matrix SVD
-(dlrt.linalg); None chooses by device.
+HOST_SVD_MAX_SIZE. `checked_shortcuts`: whether to take the CPU's self-checking QRs (dlrt.linalg); None chooses by
+device. `layerwise`: whether a rank-adaptive step runs one layer at a time (less memory, the same results); None: on
+a CPU for large factors (LAYERWISE_MIN_BYTES).
 
 Data parallel: when torch.distributed is initialised, `step` averages all gradients (and the adaptive step's
 Ũ^T G Ṽ blocks) over the workers and takes rank 0's buffers (dlrt.distributed), so do not wrap the model in
@@ -59,6 +60,10 @@ SVD_PLACES = ("auto", "device", "host")
 # host was quicker at LeNet5's (18-56) and the FC net's (70-106) cores, the GPU at the timing study's 160 and up
 # (results/bench/gpu/README.md).
 HOST_SVD_MAX_SIZE = 128
+# layerwise=None takes a rank-adaptive CPU step one layer at a time when the factors U, V of all layers hold more than
+# this: below it the per-layer calls cost more time than the memory they save is worth (LeNet5 and the FC nets stay
+# batched; the timing study's factors hold 3 MiB at rank 20, 13 at 80, 105 at 640).
+LAYERWISE_MIN_BYTES = 8 * 2 ** 20
 LOW_RANK_KEYS = ("layers", "params")  # the keys of a low-rank group that are not hyperparameters
 
 
@@ -80,6 +85,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         dense_optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
         svd_on: str = "auto",
         checked_shortcuts: bool | None = None,
+        layerwise: bool | None = None,
     ):
         """params: the model, or a list of groups {"params": a module or modules, <hyperparameter>: value, ...}
         whose low-rank layers form one param group each."""
@@ -88,7 +94,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if svd_on not in SVD_PLACES:
             raise ValueError(f"unknown svd_on {svd_on!r}: choose one of {', '.join(SVD_PLACES)}")
         self.method, self._method = method, fns.METHODS[method]
-        self.svd_on, self.checked_shortcuts = svd_on, checked_shortcuts
+        self.svd_on, self.checked_shortcuts, self.layerwise = svd_on, checked_shortcuts, layerwise
         self.world_size = world_size()
         defaults = dict(lr=lr, tau=tau, absolute_tau=absolute_tau, r_min=r_min, r_max=r_max,
                         state_policy=state_policy, optimizer=optimizer, momentum=momentum, betas=tuple(betas), eps=eps)
@@ -204,11 +210,44 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if self._method.passes == 2:
             self._two_pass_step(closure)
             return loss
+        if self._steps_layer_by_layer():
+            self._layer_by_layer_step()
+            return loss
         plan = self.prepare_step()
         with fns.part("rank_sync"):  # the step's one read of a device value on the host
             new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         self.finish_step(plan, new_ranks)
         return loss
+
+    def _steps_layer_by_layer(self) -> bool:
+        """Whether a rank-adaptive step is taken one layer at a time: on a CPU, where host reads are free, when the
+        factors are large. Each layer's augmented bases, core and SVD, its recorded x and dy and its factors'
+        gradients are freed before the next layer's step (the timing study at rank 640 with SGD: peak memory 298 MiB
+        against 372 batched); the results are the same, bit for bit. The factors' gradients are None afterwards."""
+        if self.layerwise is not None:
+            return self.layerwise and self._method.changes_ranks
+        layers = self.layers
+        if not layers or not self._method.changes_ranks or layers[0].U.device.type != "cpu":
+            return False
+        return sum(layer.U.numel() + layer.V.numel() for layer in layers) * layers[0].U.element_size() > LAYERWISE_MIN_BYTES
+
+    def _layer_by_layer_step(self) -> None:
+        self._refresh_factor_params()
+        self._synchronise_workers()
+        steps = self._layer_steps()
+        # Last layer first: measured, the peak is lower so (timing study, rank 640: 298 MiB, 324 first layer first).
+        while steps:  # popped, so that a finished layer's bases, core and SVD are freed with its plan
+            plan = fns.StepPlan([steps.pop()], self.takes_checked_shortcuts())
+            layer = plan.steps[0].layer
+            factors = (layer.U, layer.S, layer.V)  # at a new rank `finish` replaces them
+            self._method.prepare(plan, self.world_size)
+            if layer.step_inputs is not None:  # x and dy are read
+                layer.step_inputs.clear()
+            self.decide_ranks(plan)
+            self._method.finish(plan, plan.new_ranks.tolist())
+            for factor in factors:
+                factor.grad = None
+        self.finish_step(fns.StepPlan([]), None)
 
     @torch.no_grad()
     def prepare_step(self) -> fns.StepPlan:
@@ -314,12 +353,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _truncation_settings(self, plan: fns.StepPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
         """ϑ, relative, r_min and r_max of the plan's layers as tensors on `device`, made once per setting."""
         key = (device, tuple((s.group["tau"], not s.group["absolute_tau"], s.r_min, s.r_max) for s in plan.steps))
-        if getattr(self, "_settings_cache", (None,))[0] != key:
+        cache = self.__dict__.setdefault("_settings_cache", {})  # one entry per layer in a layer-by-layer step
+        if key not in cache:
+            if len(cache) > 2 * len(self.layers):  # settings changed over training: drop the old ones
+                cache.clear()
             taus, relative, r_min, r_max = zip(*key[1])
-            self._settings_cache = (key, (torch.tensor(taus, dtype=torch.float64, device=device),
-                                          torch.tensor(relative, device=device), torch.tensor(r_min, device=device),
-                                          torch.tensor(r_max, device=device)))
-        return self._settings_cache[1]
+            cache[key] = (torch.tensor(taus, dtype=torch.float64, device=device), torch.tensor(relative, device=device),
+                          torch.tensor(r_min, device=device), torch.tensor(r_max, device=device))
+        return cache[key]
 
     def _synchronise_workers(self) -> None:
         """Data parallel: average every gradient over the workers and take rank 0's buffers (dlrt.distributed)."""

@@ -202,6 +202,41 @@ def test_svds_on_the_host_give_the_steps_of_svds_on_the_device(method):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_layer_by_layer_step_is_the_batched_step_bit_for_bit(optimizer):
+    """layerwise=True frees each layer's augmented bases and SVD before the next layer's are made; the factors,
+    ranks and states must be those of the batched step exactly, while the ranks change."""
+    runs = []
+    for layerwise in (False, True):
+        model = seeded(small_cnn)
+        lr, tau = (0.5, 0.05) if optimizer == "sgd" else (0.05, 0.1)
+        opt = DLRTOptimizer(model, lr=lr, tau=tau, optimizer=optimizer, momentum=0.9, layerwise=layerwise)
+        assert opt._steps_layer_by_layer() is layerwise
+        ranks = [opt.ranks()]
+        for step in range(4):
+            x, y = batch_for(model, seed=step)
+            train_step(model, opt, x, y)
+            ranks.append(opt.ranks())
+        runs.append((model, opt, ranks))
+    (batched, batched_opt, batched_ranks), (layered, layered_opt, layered_ranks) = runs
+    assert layered_ranks == batched_ranks and len({tuple(r) for r in batched_ranks}) > 1
+    for a, b in zip(batched.parameters(), layered.parameters()):
+        assert torch.equal(a, b)
+    assert all(layer.U.grad is None for layer in layered_opt.layers)  # freed as each layer's step read them
+    for a, b in zip(batched_opt.state_dict()["state"].values(), layered_opt.state_dict()["state"].values()):
+        for part in a:
+            assert all(torch.equal(a[part][key], b[part][key]) for key in a[part])
+
+
+def test_layerwise_by_default_only_for_large_factors_of_a_rank_changing_cpu_step():
+    small = DLRTOptimizer(seeded(small_mlp), lr=0.1)
+    assert not small._steps_layer_by_layer()
+    large = DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1)
+    assert large._steps_layer_by_layer()
+    assert not DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1,
+                             method="s_only")._steps_layer_by_layer()
+
+
 def test_svd_on_auto_takes_the_host_for_small_cores_of_a_gpu_step_only():
     def plan(is_cuda, *sizes):
         return StepPlan([SimpleNamespace(core=SimpleNamespace(is_cuda=is_cuda, shape=(k, k))) for k in sizes])
