@@ -228,6 +228,25 @@ def test_a_layer_by_layer_step_is_the_batched_step_bit_for_bit(optimizer):
             assert all(torch.equal(a[part][key], b[part][key]) for key in a[part])
 
 
+def test_a_layer_by_layer_step_takes_the_layers_with_the_smallest_factors_first(monkeypatch):
+    """The largest layer's temporaries are made last, when the others' records and gradients are freed."""
+    import dlrt.functional as fns
+
+    model = seeded(lambda: nn.Sequential(LowRankLinear(20, 64, 8), nn.ReLU(), LowRankLinear(64, 8, 2), nn.ReLU(),
+                                         LowRankLinear(8, 32, 4), nn.ReLU(), nn.Linear(32, 4)))  # 672, 144, 160 numbers
+    opt = DLRTOptimizer(model, lr=0.1, layerwise=True)
+    order, make_plan = [], fns.StepPlan
+
+    def recording_plan(steps, *args):
+        order.extend(opt.layers.index(step.layer) for step in steps)
+        return make_plan(steps, *args)
+
+    monkeypatch.setattr(fns, "StepPlan", recording_plan)
+    x, y = batch_for(model)
+    train_step(model, opt, x, y)
+    assert order == [1, 2, 0]
+
+
 def test_layerwise_by_default_only_for_large_factors_of_a_rank_changing_cpu_step():
     small = DLRTOptimizer(seeded(small_mlp), lr=0.1)
     assert not small._steps_layer_by_layer()
