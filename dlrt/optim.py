@@ -32,7 +32,7 @@ its result on the host.
 and back in one copy each) or "auto": on the host for a GPU step whose cores are all at most
 HOST_SVD_MAX_SIZE. `checked_shortcuts`: whether to take the CPU's self-checking QRs (dlrt.linalg); None chooses by
 device. `layerwise`: whether a rank-adaptive step runs one layer at a time (less memory, the same results); None: on
-a CPU for large factors (LAYERWISE_MIN_BYTES).
+a CPU for large factors (dlrt.functional.LAYERWISE_MIN_BYTES).
 
 Data parallel: when torch.distributed is initialised, `step` averages all gradients (and the adaptive step's
 Ũ^T G Ṽ blocks) over the workers and takes rank 0's buffers (dlrt.distributed), so do not wrap the model in
@@ -60,10 +60,6 @@ SVD_PLACES = ("auto", "device", "host")
 # host was quicker at LeNet5's (18-56) and the FC net's (70-106) cores, the GPU at the timing study's 160 and up
 # (results/bench/gpu/README.md).
 HOST_SVD_MAX_SIZE = 128
-# layerwise=None takes a rank-adaptive CPU step one layer at a time when the factors U, V of all layers hold more than
-# this: below it the per-layer calls cost more time than the memory they save is worth (LeNet5 and the FC nets stay
-# batched; the timing study's factors hold 3 MiB at rank 20, 13 at 80, 105 at 640).
-LAYERWISE_MIN_BYTES = 8 * 2 ** 20
 LOW_RANK_KEYS = ("layers", "params")  # the keys of a low-rank group that are not hyperparameters
 
 
@@ -224,12 +220,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
         factors are large. Each layer's augmented bases, core and SVD, its recorded x and dy and its factors'
         gradients are freed before the next layer's step (the timing study at rank 640 with SGD: peak memory 298 MiB
         against 372 batched); the results are the same, bit for bit. The factors' gradients are None afterwards."""
-        if self.layerwise is not None:
-            return self.layerwise and self._method.changes_ranks
-        layers = self.layers
-        if not layers or not self._method.changes_ranks or layers[0].U.device.type != "cpu":
+        if not self._method.changes_ranks:
             return False
-        return sum(layer.U.numel() + layer.V.numel() for layer in layers) * layers[0].U.element_size() > LAYERWISE_MIN_BYTES
+        return self.layerwise if self.layerwise is not None else fns.large_cpu_factors(self.layers)
 
     def _layer_by_layer_step(self) -> None:
         self._refresh_factor_params()
@@ -237,7 +230,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         # Smallest factors first: a layer's step makes temporaries in proportion to its factors, so the largest run
         # last, when the most recorded x and dy and gradients are freed (timing study, rank 640: 298 MiB, 324 with
         # its first layer, the smallest, last; VGG16: the convs' records go before the classifier's step).
-        steps = sorted(self._layer_steps(), key=lambda step: -(step.layer.U.numel() + step.layer.V.numel()))
+        steps = sorted(self._layer_steps(), key=lambda step: -fns.factor_numel(step.layer))
         while steps:  # popped from the end, so that a finished layer's bases, core and SVD are freed with its plan
             plan = fns.StepPlan([steps.pop()], self.takes_checked_shortcuts())
             layer = plan.steps[0].layer
