@@ -1,6 +1,7 @@
 """The scripts: parallel_runs.sh runs a file of commands a few at a time, with an optional deadline;
 count_ops.py counts the operations of a training step; profile_step.py profiles one;
-probe_graph_capture.py finds what a CUDA graph can hold."""
+probe_graph_capture.py finds what a CUDA graph can hold; published_fixed_rank.py sums up the runs of
+ERRATA finding 2."""
 import os
 import re
 import subprocess
@@ -99,3 +100,29 @@ def test_probe_graph_capture_checks_each_call_and_fails_on_a_wrong_result(tmp_pa
     make, _, right = probe.PROBES["linalg.qr 500x56"]
     monkeypatch.setitem(probe.PROBES, "linalg.qr 500x56", (make, lambda A: torch.linalg.qr(A + 1), right))
     assert probe.main(["--device", "cpu"]) == 1
+
+
+def test_published_fixed_rank_summary_pools_the_epoch_one_accuracies_of_each_label(tmp_path):
+    """The summary behind results/diagnostics/dlrt_vs_uv_sigma1: JSON lines of the published code's runs, and
+    dlrt-run folders under globs, one row per label (the same label twice pools its runs), beside the paper's."""
+    (tmp_path / "published.jsonl").write_text('{"decay": 1.0, "seed": 1, "test_acc": [70.0]}\n'
+                                              '{"decay": 1.0, "seed": 0, "test_acc": [50.0]}\n')
+    for folder, seed, acc in (("table/run-a", 0, 20.0), ("table/run-b-pow2", 1, 99.0), ("extra/run-c", 2, 40.0)):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        run.joinpath("epochs.csv").write_text(f"epoch,phase,test_acc\n1,train,{acc}\n2,train,99.9\n")
+        run.joinpath("summary.json").write_text(f'{{"seed": {seed}}}')
+    out = subprocess.run([sys.executable, str(SCRIPTS / "published_fixed_rank.py"), "summary", "--published",
+                          "published.jsonl", "--dlrt", "ours", "table/run-a", "--dlrt", "ours", "extra/*"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "| published code, decay 1 | 2 | 50.0, 70.0 | 60.00 ± 14.14 |" in out  # in seed order
+    assert "| ours | 2 | 20.0, 40.0 | 30.00 ± 14.14 |" in out  # epoch 1 only, the unmatched folder left out
+    assert "| the paper (the authors' 10 result files) | 10 | | 80.96 ± 6.95 |" in out
+
+
+def test_published_fixed_rank_says_in_one_line_when_repo_is_not_a_clone(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "published_fixed_rank.py"), "train", "--repo", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"--repo {tmp_path}: cannot read UV_vanilla/Lenet5_dlrt.py at HEAD")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,189 @@
+"""The published code's fixed-rank DLRT on dlrt's data: the runs behind results/ERRATA.md, finding 2.
+
+The published code (COMPiLELab/DLRT-Net) is read from a git clone of it (`--repo`, a checkout or a bare
+repository): UV_vanilla/Lenet5_dlrt.py, my_conv_dlrt.py, Linear_layer_new_dlrt.py and
+optimizer_KLS/dlrt_optimizer.py, run with the training loop of UV_vanilla/dlrt_factorization_run.py (SGD lr 0.01,
+batch 128) on the authors' split of `experiment=dlrt_vs_uv_authors` (dlrt.experiments.data, split=train_test).
+
+    # their code for one epoch: the test accuracy, and the training loss every 50 steps (one JSON line)
+    python scripts/published_fixed_rank.py train --repo DLRT-Net --decay 1 --seed 0
+    # their code and dlrt's method=fixed from the same initial factors on the same batches, side by side
+    python scripts/published_fixed_rank.py same-start --repo DLRT-Net --decay 1 --seed 0 --steps 469
+    # epoch-1 accuracies of `train` JSON lines and of dlrt-run folders beside the paper's
+    python scripts/published_fixed_rank.py summary --published runs.jsonl --dlrt LABEL "RUN FOLDERS (a glob)" ...
+"""
+
+import argparse
+import glob
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dlrt import DLRTOptimizer
+from dlrt.experiments.data import load_data
+from dlrt.experiments.models import build_model
+from dlrt.experiments.protocols import PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD
+
+PUBLISHED_FILES = ["UV_vanilla/Lenet5_dlrt.py", "UV_vanilla/my_conv_dlrt.py", "UV_vanilla/Linear_layer_new_dlrt.py",
+                   "optimizer_KLS/dlrt_optimizer.py"]
+LOW_RANK_LAYERS = (0, 3, 7)  # the indices of the low-rank layers in their Lenet5.layer and in dlrt's lenet5
+CLASSIFIER = 9
+BATCH, LR = 128, 0.01
+
+
+def import_published(repo: str):
+    """Their Lenet5 and dlr_opt, from the files of the repository's HEAD copied to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="dlrt-published-") as folder:
+        for path in PUBLISHED_FILES:
+            read = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], capture_output=True, text=True)
+            if read.returncode != 0:
+                sys.exit(f"--repo {repo}: cannot read {path} at HEAD ({read.stderr.strip()}); pass a git clone of "
+                         "github.com/COMPiLELab/DLRT-Net")
+            (Path(folder) / Path(path).name).write_text(read.stdout)
+        sys.path.insert(0, folder)
+        from Lenet5_dlrt import Lenet5
+        from dlrt_optimizer import dlr_opt
+        sys.path.remove(folder)
+    return Lenet5, dlr_opt
+
+
+def their_step(model, optimizer, xb, yb) -> float:
+    """One step as dlrt_factorization_run.py takes it: K and L passes, then the S pass in the closure."""
+    criterion = torch.nn.CrossEntropyLoss()
+    model.zero_grad()
+    optimizer.zero_grad()
+    optimizer.preprocess_step()
+    loss, _ = model.populate_gradients(xb, yb, criterion)
+    optimizer.step(closure=lambda: model.populate_gradients(xb, yb, criterion, step="S"))
+    return float(loss)
+
+
+def train(args) -> None:
+    Lenet5, dlr_opt = import_published(args.repo)
+    data = load_data("mnist", root=args.data_root, split="train_test", seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = Lenet5(device="cpu", decay=args.decay)
+    optimizer = dlr_opt(model, tau=LR, theta=0.0, KLS_optim=torch.optim.SGD)
+    order_generator = torch.Generator().manual_seed(args.seed)
+    x, y = data.train.x, data.train.y
+    losses, accuracies = [], []
+    for _ in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(y), generator=order_generator)
+        for step, start in enumerate(range(0, len(y), BATCH)):
+            batch = order[start:start + BATCH]
+            loss = their_step(model, optimizer, x[batch], y[batch])
+            if step % 50 == 0:
+                losses.append(round(loss, 4))
+        optimizer.preprocess_step()  # K = U S for the evaluation's forward, as their loop does after an epoch
+        model.update_step()
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(data.test.x[i:i + 1000]).argmax(1) == data.test.y[i:i + 1000]).sum())
+                          for i in range(0, len(data.test.y), 1000))
+        accuracies.append(100 * correct / len(data.test.y))
+    print(json.dumps({"code": "published", "decay": args.decay, "seed": args.seed, "loss_every_50": losses,
+                      "test_acc": accuracies}))
+
+
+def same_start(args) -> None:
+    Lenet5, dlr_opt = import_published(args.repo)
+    data = load_data("mnist", root=args.data_root, split="train_test", seed=args.seed)
+    torch.manual_seed(args.seed)
+    theirs = Lenet5(device="cpu", decay=args.decay)
+    ours = build_model("lenet5", (1, 28, 28), 10, rank=20, init="authors")
+    with torch.no_grad():  # their initial factors, biases and classifier, copied into dlrt's layers
+        for i in LOW_RANK_LAYERS:
+            ours[i].set_factors(theirs.layer[i].U.clone(), theirs.layer[i].S_hat.clone(), theirs.layer[i].V.clone())
+            ours[i].bias.copy_(theirs.layer[i].bias)
+        ours[CLASSIFIER].weight.copy_(theirs.layer[CLASSIFIER].weight)
+        ours[CLASSIFIER].bias.copy_(theirs.layer[CLASSIFIER].bias)
+    their_optimizer = dlr_opt(theirs, tau=LR, theta=0.0, KLS_optim=torch.optim.SGD)
+    our_optimizer = DLRTOptimizer(ours, lr=LR, method="fixed")
+
+    def weights(model, factors):
+        return [factors(model, i) for i in LOW_RANK_LAYERS] + [factors(model, CLASSIFIER)]
+
+    their_w = lambda m, i: m.layer[i].weight if i == CLASSIFIER else m.layer[i].U @ m.layer[i].S_hat @ m.layer[i].V.T
+    our_w = lambda m, i: m[i].weight if i == CLASSIFIER else m[i].U @ m[i].S @ m[i].V.T
+    x, y = data.train.x, data.train.y
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    print("step  loss (theirs)  loss (dlrt)  |W_dlrt - W_theirs| / |W_theirs|: conv1 conv2 fc1 classifier")
+    for step in range(args.steps):
+        batch = order[step * BATCH:(step + 1) * BATCH]
+        xb, yb = x[batch], y[batch]
+        their_loss = their_step(theirs, their_optimizer, xb, yb)
+        first = []
+
+        def closure():
+            our_optimizer.zero_grad()
+            loss = F.cross_entropy(ours(xb), yb)
+            first.append(loss.item())
+            loss.backward()
+            return loss
+
+        our_optimizer.step(closure)
+        if step < 4 or step % args.every == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                pairs = zip(weights(ours, our_w), weights(theirs, their_w))
+                diffs = " ".join(f"{float((a - b).norm() / b.norm()):.1e}" for a, b in pairs)
+            print(f"{step:4d}  {their_loss:13.5f}  {first[0]:11.5f}  {diffs}", flush=True)
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else math.nan:.2f}"
+
+
+def summary(args) -> None:
+    """One row per label: the epoch-1 test accuracies, their mean ± sample std, and the paper's."""
+    rows = {}
+    for path in args.published:
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            label = f"published code, decay {record['decay']:g}"
+            rows.setdefault(label, []).append((record["seed"], record["test_acc"][0]))
+    for label, pattern in args.dlrt:
+        for epochs in map(Path, sorted(glob.glob(f"{pattern}/epochs.csv"))):
+            header, first = (line.split(",") for line in epochs.read_text().splitlines()[:2])
+            seed = json.loads((epochs.parent / "summary.json").read_text())["seed"]
+            rows.setdefault(label, []).append((seed, float(first[header.index("test_acc")])))
+    paper_mean, paper_std = PAPER_DLRT_VS_UV_MEAN[("one", "fixed")][0], PAPER_DLRT_VS_UV_STD[("one", "fixed")][0]
+    print("| runs | seeds | epoch-1 test accuracy per seed | mean ± std |")
+    print("|---|---|---|---|")
+    for label, values in rows.items():
+        values.sort()
+        accs = [acc for _, acc in values]
+        print(f"| {label} | {len(values)} | {', '.join(f'{acc:.1f}' for acc in accs)} | {mean_std(accs)} |")
+    print(f"| the paper (the authors' 10 result files) | 10 | | {paper_mean:.2f} ± {paper_std:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("train", "same-start"):
+        command = commands.add_parser(name)
+        command.add_argument("--repo", required=True, help="a git clone of COMPiLELab/DLRT-Net (checkout or bare)")
+        command.add_argument("--decay", type=float, default=1.0, help="their decay d: σ_k = s_k d^-k")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--data-root", default="data")
+    commands.choices["train"].add_argument("--epochs", type=int, default=1)
+    commands.choices["same-start"].add_argument("--steps", type=int, default=469, help="469 = one epoch")
+    commands.choices["same-start"].add_argument("--every", type=int, default=50, help="print every this many steps")
+    command = commands.add_parser("summary")
+    command.add_argument("--published", nargs="*", default=[], help="JSON lines of `train`")
+    command.add_argument("--dlrt", nargs=2, action="append", default=[], metavar=("LABEL", "GLOB"),
+                         help="the dlrt-run folders that GLOB matches, as LABEL (repeat it; a label twice pools)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    {"train": train, "same-start": same_start, "summary": summary}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
