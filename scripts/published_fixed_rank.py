@@ -16,8 +16,6 @@ batch 128) on the authors' split of `experiment=dlrt_vs_uv_authors` (dlrt.experi
 import argparse
 import glob
 import json
-import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from dlrt import DLRTOptimizer
 from dlrt.experiments.data import load_data
 from dlrt.experiments.models import build_model
 from dlrt.experiments.protocols import PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD
+from dlrt.experiments.run_folder import RunFolder
+from dlrt.report.runs import mean_std
 
 PUBLISHED_FILES = ["UV_vanilla/Lenet5_dlrt.py", "UV_vanilla/my_conv_dlrt.py", "UV_vanilla/Linear_layer_new_dlrt.py",
                    "optimizer_KLS/dlrt_optimizer.py"]
@@ -137,10 +137,6 @@ def same_start(args) -> None:
             print(f"{step:4d}  {their_loss:13.5f}  {first[0]:11.5f}  {diffs}", flush=True)
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else math.nan:.2f}"
-
-
 def summary(args) -> None:
     """One row per label: the epoch-1 test accuracies, their mean ± sample std, and the paper's."""
     rows = {}
@@ -150,17 +146,17 @@ def summary(args) -> None:
             label = f"published code, decay {record['decay']:g}"
             rows.setdefault(label, []).append((record["seed"], record["test_acc"][0]))
     for label, pattern in args.dlrt:
-        for epochs in map(Path, sorted(glob.glob(f"{pattern}/epochs.csv"))):
-            header, first = (line.split(",") for line in epochs.read_text().splitlines()[:2])
-            seed = json.loads((epochs.parent / "summary.json").read_text())["seed"]
-            rows.setdefault(label, []).append((seed, float(first[header.index("test_acc")])))
+        for folder in map(RunFolder, sorted(Path(p).parent for p in glob.glob(f"{pattern}/epochs.csv"))):
+            first_epoch = folder.epochs().iloc[0]
+            rows.setdefault(label, []).append((folder.summary()["seed"], float(first_epoch["test_acc"])))
     paper_mean, paper_std = PAPER_DLRT_VS_UV_MEAN[("one", "fixed")][0], PAPER_DLRT_VS_UV_STD[("one", "fixed")][0]
     print("| runs | seeds | epoch-1 test accuracy per seed | mean ± std |")
     print("|---|---|---|---|")
     for label, values in rows.items():
         values.sort()
         accs = [acc for _, acc in values]
-        print(f"| {label} | {len(values)} | {', '.join(f'{acc:.1f}' for acc in accs)} | {mean_std(accs)} |")
+        mean, std = mean_std(accs)
+        print(f"| {label} | {len(values)} | {', '.join(f'{acc:.1f}' for acc in accs)} | {mean:.2f} ± {std:.2f} |")
     print(f"| the paper (the authors' 10 result files) | 10 | | {paper_mean:.2f} ± {paper_std:.2f} |")
 
 

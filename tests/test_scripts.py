@@ -110,8 +110,8 @@ def test_published_fixed_rank_summary_pools_the_epoch_one_accuracies_of_each_lab
     for folder, seed, acc in (("table/run-a", 0, 20.0), ("table/run-b-pow2", 1, 99.0), ("extra/run-c", 2, 40.0)):
         run = tmp_path / folder
         run.mkdir(parents=True)
-        run.joinpath("epochs.csv").write_text(f"epoch,phase,test_acc\n1,train,{acc}\n2,train,99.9\n")
-        run.joinpath("summary.json").write_text(f'{{"seed": {seed}}}')
+        run.joinpath("epochs.csv").write_text(f"epoch,test_acc,val_loss,ranks\n1,{acc},0.5,2 2\n2,99.9,0.1,2 2\n")
+        run.joinpath("summary.json").write_text(f'{{"status": "completed", "seed": {seed}}}')
     out = subprocess.run([sys.executable, str(SCRIPTS / "published_fixed_rank.py"), "summary", "--published",
                           "published.jsonl", "--dlrt", "ours", "table/run-a", "--dlrt", "ours", "extra/*"], cwd=tmp_path,
                          capture_output=True, text=True, check=True, timeout=120).stdout
