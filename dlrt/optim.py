@@ -216,10 +216,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         return loss
 
     def _steps_layer_by_layer(self) -> bool:
-        """Whether a rank-adaptive step is taken one layer at a time: on a CPU, where host reads are free, when the
-        factors are large. Each layer's augmented bases, core and SVD, its recorded x and dy and its factors'
-        gradients are freed before the next layer's step (the timing study at rank 640 with SGD: peak memory 298 MiB
-        against 372 batched); the results are the same, bit for bit. The factors' gradients are None afterwards."""
+        """Whether a rank-adaptive step is taken one layer at a time (on a CPU, when the factors are large): the
+        same results bit for bit with less memory (docs/performance.md); the factors' gradients are None after it."""
         if not self._method.changes_ranks:
             return False
         return self.layerwise if self.layerwise is not None else fns.large_cpu_factors(self.layers)
