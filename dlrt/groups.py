@@ -3,16 +3,48 @@ checks of every hyperparameter, and the ordinary torch optimizer of the paramete
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .layers import _LowRankLayer, low_rank_layers
 from .update_rules import RULES, STATE_POLICIES, make_rule
 
+# The keys of each update rule, named as torch's optimizers name them. A param group holds its rule's keys only, as
+# torch's do: torch's schedulers cycle group["momentum"] when the optimizer's defaults hold "momentum" (SGD) and
+# betas[0] when they hold "betas" (Adam), in every group.
+RULE_KEYS = {"sgd": ("momentum",), "adam": ("betas", "eps")}
+RULE_DEFAULTS = {"momentum": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}  # update_rules.make_rule's
+
+
+def make_defaults(**hyperparameters) -> dict:
+    """DLRTOptimizer's defaults from all its hyperparameters: of the update rules' keys, the chosen rule's only."""
+    kept = RULE_KEYS.get(hyperparameters["optimizer"], tuple(RULE_DEFAULTS))  # an unknown rule: refused by the check
+    defaults = {key: value for key, value in hyperparameters.items() if key in kept or key not in RULE_DEFAULTS}
+    if isinstance(defaults.get("betas"), list):
+        defaults["betas"] = tuple(defaults["betas"])
+    return defaults
+
+
+def rule_key(group: dict) -> tuple:
+    """(optimizer, momentum, betas, eps) of a group, for update_rules.make_rule: the group's values of its rule's
+    keys, the rule's defaults for the others (a group that chose another rule than the optimizer's defaults may
+    lack them; a checkpoint of dlrt 0.2 holds them all)."""
+    values = {**RULE_DEFAULTS, **{key: group[key] for key in RULE_KEYS.get(group["optimizer"], ()) if key in group}}
+    return group["optimizer"], values["momentum"], tuple(values["betas"]), values["eps"]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_hyperparameters(group: dict) -> None:
-    """Refuse values that cannot work, naming the key."""
-    if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
-        raise ValueError(f"lr must be a number >= 0, got {group['lr']!r}")
+    """Refuse values that cannot work, naming the key and what it takes."""
+    if not _finite(group["lr"]) or not group["lr"] >= 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+    if not _finite(group["tau"]):
+        raise ValueError(f"tau must be a finite number (in [0, 1) when relative, >= 0 when absolute), got {group['tau']!r}")
     if group["absolute_tau"] and not group["tau"] >= 0:
         raise ValueError(f"an absolute tau must be >= 0, got {group['tau']}")
     if not group["absolute_tau"] and not 0 <= group["tau"] < 1:
@@ -26,7 +58,12 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"r_min must be an integer >= 1, got {r_min!r}")
     if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
         raise ValueError(f"r_max must be None or an integer >= r_min = {r_min}, got {r_max!r}")
-    make_rule(group["optimizer"], group["momentum"], group["betas"], group["eps"])  # checks the rule's own
+    if not isinstance(group.get("betas", ()), (tuple, list)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {group['betas']!r}")
+    name, momentum, betas, eps = rule_key(group)
+    if not _finite(eps) or not eps > 0:  # the rule refuses eps <= 0; eps = inf would make every Adam step zero
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    make_rule(name, momentum, betas, eps)  # checks the rule's own (momentum and betas in [0, 1))
 
 
 def bounds(layer: _LowRankLayer, group: dict) -> tuple[int, int]:
@@ -78,10 +115,11 @@ def groups_of(params) -> tuple[list[dict], list[nn.Module]]:
 def make_dense_optimizer(given, params: list, defaults: dict) -> torch.optim.Optimizer:
     if isinstance(given, torch.optim.Optimizer):
         return given
+    # torch refuses an empty parameter list (an all-low-rank model without biases); a placeholder keeps the code
+    # paths uniform, and gives torch's schedulers a dense group to drive
+    params = params or [torch.zeros(0, requires_grad=True)]
     if given is not None:
         return given(params)
-    # torch refuses an empty parameter list; a placeholder keeps the code paths uniform
-    params = params or [torch.zeros(0, requires_grad=True)]
     # Fused kernels step all the small tensors (biases, a classifier) in one call: on a CPU that is
     # 0.06 against 0.15 ms (foreach) for the FC net's. Torch has them for floating tensors on a CPU or GPU.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -237,9 +237,9 @@ def test_a_layer_by_layer_step_takes_the_layers_with_the_smallest_factors_first(
     opt = DLRTOptimizer(model, lr=0.1, layerwise=True)
     order, make_plan = [], fns.StepPlan
 
-    def recording_plan(steps, *args):
+    def recording_plan(steps, *args, **kwargs):
         order.extend(opt.layers.index(step.layer) for step in steps)
-        return make_plan(steps, *args)
+        return make_plan(steps, *args, **kwargs)
 
     monkeypatch.setattr(fns, "StepPlan", recording_plan)
     x, y = batch_for(model)
@@ -327,6 +327,15 @@ def test_dense_optimizer_can_be_chosen_and_schedulers_drive_both():
     (dict(momentum=-1.0), r"momentum must be a number in \[0, 1\)"),
     (dict(optimizer="adam", betas=(2.0, 0.0)), r"betas must be two numbers in \[0, 1\)"),
     (dict(svd_on="gpu"), "auto, device, host"),
+    (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+    (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+    (dict(lr=True), "lr must be a finite number >= 0, got True"),
+    (dict(tau=float("inf"), absolute_tau=True), "tau must be a finite number"),
+    (dict(tau=float("nan")), "tau must be a finite number"),
+    (dict(momentum=float("inf")), r"momentum must be a number in \[0, 1\), got inf"),
+    (dict(optimizer="adam", betas=(float("nan"), 0.999)), r"betas must be two numbers in \[0, 1\)"),
+    (dict(optimizer="adam", betas=0.9), r"betas must be two numbers in \[0, 1\), got 0.9"),
+    (dict(optimizer="adam", eps=float("inf")), "eps must be a finite number > 0, got inf"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     args = dict(lr=0.1) | kwargs
