@@ -134,7 +134,7 @@ def test_a_users_own_config_folder_extends_ours(tmp_path):
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert pd.read_csv(run_dir / "epochs.csv")["ranks"].iloc[0] != "10 25 250"
-    assert run_dir.name.startswith("mylenet-synthetic-adaptive")  # not the folder of model=lenet5
+    assert run_dir.name.startswith("lenet5-synthetic-adaptive") and "model.rank=[4,6,8]" in run_dir.name  # what it changes
 
 
 def test_shell_completion_installs():

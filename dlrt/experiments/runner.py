@@ -4,9 +4,11 @@ can fail into an error that says in one line what happened and what to do."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
+from pathlib import Path
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
@@ -34,9 +36,11 @@ class RunFailed(RuntimeError):
 def run_job(cfg: DictConfig) -> dict | None:
     """Train the run `cfg` describes, or skip it when its folder says it is done. Returns its summary."""
     validate(cfg)
-    folder = RunFolder(f"{cfg.out_dir}/{run_name(cfg)}")
+    folder = _find_folder(cfg)
     try:
         summary = folder.summary()
+        if folder.file("config.yaml").exists():
+            _check_same_run(folder, cfg)
     except RunFolderError as e:
         raise UserError(str(e)) from None
     if summary is not None:
@@ -66,38 +70,81 @@ def run_job(cfg: DictConfig) -> dict | None:
     return summary
 
 
+def _find_folder(cfg: DictConfig) -> RunFolder:
+    """The run's folder: the one named by run_name, or, where only that exists, the one an older version named."""
+    names = folder_names(cfg, run_name(cfg))
+    existing = [name for name in names if (Path(cfg.out_dir) / name).is_dir()]
+    return RunFolder(Path(cfg.out_dir) / (existing or names)[0])
+
+
+def folder_names(cfg: DictConfig, name: str) -> list[str]:
+    """run_name first, then the name of the same run by earlier versions: before the schema made ϑ a float, an
+    integral ϑ given as `tau=0` was named tau0, not tau0.0."""
+    names = [name]
+    if float(cfg.tau).is_integer():
+        names.append(name.replace(f"-tau{cfg.tau}-seed", f"-tau{int(cfg.tau)}-seed", 1))
+    return list(dict.fromkeys(names))
+
+
+def config_differences(recorded: dict, cfg: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, recorded value, this config's value) for every setting that changes what a run computes and that
+    both hold (a key that only one of them has came or went with a default that keeps the behaviour)."""
+    ours, theirs = _flat(cfg), dict(_walk(recorded))
+    return [(key, theirs[key], value) for key, value in ours.items()
+            if key in theirs and key not in NOT_IN_NAME and theirs[key] != value]
+
+
+def _check_same_run(folder: RunFolder, cfg: DictConfig) -> None:
+    """A folder whose config.yaml differs from the command (edited by hand, or a name two settings share) is
+    neither skipped nor resumed: its records would be filed under settings they were not trained with."""
+    differences = config_differences(folder.config(), cfg)
+    if differences:
+        key, recorded, value = differences[0]
+        more = f" (and {len(differences) - 1} more setting(s))" if len(differences) > 1 else ""
+        raise UserError(f"{folder} holds another run: {key}={_text(recorded)} in its config.yaml, {_text(value)} in "
+                        f"this command{more}; delete the folder or choose another out_dir to run this one")
+
+
 def run_name(cfg: DictConfig) -> str:
-    """<model>-<data>-<method>[+<finetune method><epochs>]-tau<ϑ>-seed<seed>[_<key=value,...>] (model and data as
-    chosen, so a user's own config option gets folders of its own), under the
-    experiment's folder when one is chosen. The extras are every group choice and value in which the run differs
-    from the defaults of its model, data, method and experiment, except those of NOT_IN_NAME: so a value given
-    that equals the default (lr=0.05 on LeNet5) does not make a new folder."""
+    """<model>-<data>-<method>[+<finetune method><epochs>]-tau<ϑ>-seed<seed>[_<key=value,...>], under the
+    experiment's folder when one is chosen. The name follows the resolved settings, not the words of the command:
+    model, data and method are the options of ours that the run's groups are (a user's own option, `-cd myconf
+    method=myadapt`, is the option of ours it extends), and the extras are every group choice and value in which
+    the run differs from the defaults of its model, data, method and experiment, except those of NOT_IN_NAME. So a
+    value given that equals the default (lr=0.05 on LeNet5) makes no new folder, and a user's option that changes
+    r_min is named by it."""
     from .runtime import phases
 
-    method = cfg.method.name
+    ours = {group: cfg[group].name for group in GROUPS}
+    method = ours["method"]
     parts = phases(cfg)
     if len(parts) > 1:
         method += f"+{parts[1][1]}{parts[1][2]}"
-    choices = HydraConfig.get().runtime.choices  # a user's own option (-cd) is named by its file, not its base's name
-    name = f"{choices['model']}-{choices['data']}-{method}-tau{cfg.tau}-seed{cfg.seed}"
-    base = [f"{group}={choices[group]}" for group in ("model", "data", "method", "experiment")
-            if choices.get(group) not in (None, "null")]
-    extras = []
-    defaults = compose("config", overrides=base, return_hydra_config=True)
-    for group in GROUPS:
-        if choices.get(group) != defaults.hydra.runtime.choices.get(group):
-            extras.append(f"{group}={choices[group]}")
-    reference = compose("config", overrides=base + [f"{group}={choices[group]}" for group in GROUPS
-                                                    if f"{group}={choices[group]}" not in base])
-    ours, theirs = _flat(cfg), _flat(reference)
-    for key, value in ours.items():
-        if key not in NAMED and key not in NOT_IN_NAME and theirs.get(key, object()) != value:
+    name = f"{ours['model']}-{ours['data']}-{method}-tau{cfg.tau}-seed{cfg.seed}"
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    experiment = None if experiment in (None, "null") else experiment
+    base = [f"{group}={ours[group]}" for group in ("model", "data", "method")]
+    base += [f"experiment={experiment}"] if experiment else []
+    defaults = compose("config", overrides=base)
+    extras = [f"{group}={ours[group]}" for group in GROUPS if defaults[group].name != ours[group]]
+    reference = _flat(compose("config", overrides=base + [f"{group}={ours[group]}" for group in GROUPS
+                                                          if group not in ("model", "data", "method")]))
+    for key, value in _flat(cfg).items():
+        if key not in NAMED and key not in NOT_IN_NAME and reference.get(key, object()) != value:
             extras.append(f"{key}={_text(value)}")
     if extras:
         name += "_" + ",".join(sorted(extras))
-    name = re.sub(r"[^A-Za-z0-9_.,=+\[\]-]", "_", name)
-    experiment = choices.get("experiment")
-    return f"{experiment}/{name}" if experiment not in (None, "null") else name
+    name = _fit(re.sub(r"[^A-Za-z0-9_.,=+\[\]-]", "_", name))
+    return f"{experiment}/{name}" if experiment else name
+
+
+def _fit(name: str, limit: int = 255) -> str:
+    """A name the file system takes (at most 255 bytes): a longer one keeps its start and ends with a hash of the
+    whole, so that two long names still differ."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[:limit - len(digest) - 1]}~{digest}"
 
 
 def _flat(cfg: DictConfig) -> dict:

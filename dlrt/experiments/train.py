@@ -29,6 +29,7 @@ from .run_folder import RunFolder
 from .runtime import (Workers, autocast, configure_cpu, device_name, init_workers, make_graphed_step, make_model,
                       make_optimizer, make_scheduler, phases, resolve_device, rng_state, set_rng_state)
 
+TRUNCATING = ("adaptive", "parallel")  # the methods whose rank ϑ decides
 SELECTION_TEXT = {"min_val_loss": "minimum validation loss", "final": "final epoch"}
 
 
@@ -85,12 +86,18 @@ def evaluate(model, batches: Iterable, precision: str = "fp32", workers: Workers
 
 
 def plan_text(cfg: DictConfig) -> str:
-    """'20 adaptive epochs' or '250 adaptive epochs + 100 fixed fine-tuning epochs at the final ranks'."""
+    """'20 adaptive epochs', '1 dense epoch' or '250 adaptive epochs + 100 fixed fine-tuning epochs at the final
+    ranks'."""
     parts = phases(cfg)
-    text = f"{parts[0][2]} {parts[0][1]} epochs"
+    text = f"{parts[0][2]} {parts[0][1]} {plural_epochs(parts[0][2])}"
     if len(parts) > 1:
-        text += f" + {parts[1][2]} {parts[1][1]} fine-tuning epochs at the final ranks (finetune.epochs=0: none)"
+        text += (f" + {parts[1][2]} {parts[1][1]} fine-tuning {plural_epochs(parts[1][2])} at the final ranks "
+                 "(finetune.epochs=0: none)")
     return text
+
+
+def plural_epochs(count: int) -> str:
+    return "epoch" if count == 1 else "epochs"
 
 
 def train(cfg: DictConfig, folder: RunFolder) -> dict:
@@ -118,7 +125,8 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
         same_phase = start > 0 and phase_of(start - 1) == phase_of(start)  # else the phase starts afresh
         optimizer, scheduler, graphed = _phase(cfg, model, phase_of(start), checkpoint if same_phase else None)
     if workers.is_main:
-        print(f"{cfg.model.name} on {cfg.data.name}: {plan_text(cfg)}, ϑ = {cfg.tau}, seed {cfg.seed}, on "
+        tau = f"ϑ = {cfg.tau}, " if cfg.method.name in TRUNCATING else ""  # no other method reads ϑ
+        print(f"{cfg.model.name} on {cfg.data.name}: {plan_text(cfg)}, {tau}seed {cfg.seed}, on "
               f"{device_name(device)}", file=sys.stderr)
     started = time.time()
     with _StopSignals() as stop:
