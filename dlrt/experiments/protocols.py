@@ -1,5 +1,8 @@
-"""The paper's recipes and published numbers (PAPER.md §2-3): the one source that the configs (through the
-`dlrt.protocol` resolver), the tables, the plots and the benchmarks read.
+"""The paper's protocols (PAPER.md §2-3), defined once: the training recipes, the published numbers, each table's
+protocol (what its header compares our runs against, and which epoch a run is read at) and the sweeps that make
+its rows. The configs read them through the `dlrt.protocol` resolver (recipes, and the experiments' sweeps and
+selection rules), `dlrt-tables` for its "paper" columns and headers, `dlrt-tables --missing` for the runs the
+tables still miss (the Makefile's reproduce-tables), the plots and the benchmarks.
 
 Numbers are as the paper prints them; the DLRT vs U V^T curves are from the authors' published result files
 (COMPiLELab/DLRT-Net at fda7874, UV_vanilla/results_vanilla/: 10 runs per curve; mean and sample standard
@@ -8,6 +11,7 @@ deviation of the test accuracy after each epoch; results/ERRATA.md says how they
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -34,12 +38,20 @@ RECIPES = {
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 
 
-def recipe_value(model: str, key: str):
-    """The `dlrt.protocol:<model>,<key>` resolver of the configs."""
-    if model not in RECIPES:
-        raise ValueError(f"no training recipe for model {model!r}: known models are {', '.join(RECIPES)}; "
+def recipe_value(name: str, key: str):
+    """The `dlrt.protocol:<name>,<key>` resolver of the configs: a model's recipe value (`lenet5,epochs`), or an
+    experiment's selection rule (`fc_mnist,selection`) or swept values, comma-separated (`fc_mnist,tau`)."""
+    if name in EXPERIMENTS:
+        protocol, sweep = EXPERIMENTS[name]
+        if key == "selection":
+            return protocol.selection
+        if key not in sweep.grid:
+            raise ValueError(f"experiment {name!r} sweeps {', '.join(sweep.grid)}, not {key!r}: see protocols.SWEEPS")
+        return ",".join(map(str, sweep.grid[key]))
+    if name not in RECIPES:
+        raise ValueError(f"no training recipe for model {name!r}: known models are {', '.join(RECIPES)}; "
                          f"set epochs, batch_size, lr and finetune.epochs explicitly for another model")
-    return getattr(RECIPES[model], key)
+    return getattr(RECIPES[name], key)
 
 
 def default_lr(model: str, optim: str) -> float:
@@ -49,39 +61,6 @@ def default_lr(model: str, optim: str) -> float:
         return recipe.lr
     return DEFAULT_LR[optim]
 
-
-# ---------------------------------------------------------------------------------------------
-# the paper's tables
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TableProtocol:
-    """The paper's protocol for one table: what a table header compares our runs against."""
-
-    text: str
-    settings: dict  # config key -> the paper's value, for every method
-    settings_by_method: dict = field(default_factory=dict)  # method -> {config key: value} on top
-    runs_per_row: int | None = None  # None: the paper does not say
-
-    def expected(self, method: str) -> dict:
-        return {**self.settings, **self.settings_by_method.get(method, {})}
-
-
-LENET5 = TableProtocol(
-    "SGD lr 0.05, batch 128, 20 epochs (dense: 10), paper split of the 70k MNIST images, the authors' initial "
-    "factors, 5 runs per row",
-    {"epochs": 20, "lr": 0.05, "batch_size": 128, "data.name": "mnist", "data.split": "paper", "data.subset": None},
-    {"dense": {"epochs": 10}}, runs_per_row=5)
-FC = TableProtocol(
-    "Adam lr 1e-3, batch 256, 50k/10k/10k split, 250 rank-adaptive epochs then 100 fixed-rank epochs "
-    "(the paper does not say how many runs its FC table averages)",
-    {"epochs": 250, "lr": 0.001, "batch_size": 256, "optim.name": "adam", "data.name": "mnist", "data.subset": None},
-    {"adaptive": {"finetune.epochs": 100}})
-DLRT_VS_UV = TableProtocol(
-    "LeNet5 at rank 20, SGD lr 0.01, batch 128, 20 epochs, 10 runs",
-    {"epochs": 20, "lr": 0.01, "batch_size": 128, "model.rank": 20, "data.name": "mnist", "data.subset": None},
-    runs_per_row=10)
 
 # LeNet5 / MNIST: ϑ (or "dense") -> test acc, ranks, eval params, c.r. eval, train params, c.r. train
 PAPER_LENET5 = {
@@ -144,6 +123,116 @@ PAPER_DLRT_VS_UV_STD = {
 PAPER_DLRT_VS_UV = {key: curve[-1] for key, curve in PAPER_DLRT_VS_UV_MEAN.items()}  # the paper's final numbers
 SPECTRUM_LABELS = {"one": "1", "pow2": "2^-k", "pow10": "10^-k"}
 
+
+def parse_ranks(ranks: str) -> list[int]:
+    """'[9,16,28,10]' -> [9, 16, 28, 10]."""
+    return [int(r) for r in ranks.strip("[]").split(",")]
+
+
 # The ranks the paper reports, for the benchmarks' cases: LeNet5 at ϑ = 0.15, the FC net (w = 500) at ϑ = 0.09.
-LENET5_RANKS_AT_0_15 = [9, 16, 28]
-FC500_RANKS_AT_0_09 = [35, 53, 51, 46]
+LENET5_RANKS_AT_0_15 = parse_ranks(PAPER_LENET5[0.15][1])[:3]  # without the dense output layer's 10
+FC500_RANKS_AT_0_09 = parse_ranks(PAPER_FC[500][0.09][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's tables: what each compares our runs against
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableProtocol:
+    """The paper's protocol for one table: what a table header compares our runs against."""
+
+    text: str
+    settings: dict  # config key -> the paper's value, for every method
+    settings_by_method: dict = field(default_factory=dict)  # method -> {config key: value} on top
+    runs_per_row: int | None = None  # None: the paper does not say
+    selection: str = "min_val_loss"  # the epoch a run is read at (the config's `selection`)
+
+    def expected(self, method: str) -> dict:
+        return {**self.settings, "selection": self.selection, **self.settings_by_method.get(method, {})}
+
+
+def recipe_settings(model: str) -> dict:
+    """A recipe as the config keys a table checks our runs against."""
+    recipe = RECIPES[model]
+    return {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size, "optim.name": recipe.optim,
+            "data.name": "mnist", "data.split": recipe.split, "data.subset": None}
+
+
+LENET5 = TableProtocol(
+    "SGD lr 0.05, batch 128, 20 epochs (dense: 10), paper split of the 70k MNIST images, the authors' initial "
+    "factors, 5 runs per row, each read at its epoch of minimum validation loss",
+    recipe_settings("lenet5"), {"dense": {"epochs": 10}}, runs_per_row=5)
+FC = TableProtocol(
+    "Adam lr 1e-3, batch 256, 50k/10k/10k split, 250 rank-adaptive epochs then 100 fixed-rank epochs at the final "
+    "ranks; each run read at its final epoch (the accuracy after the fine-tuning, the ranks of the adaptive phase's "
+    "end), as the paper's FC table and the authors' logs do (results/ERRATA.md, finding 4); the paper does not say "
+    "how many runs its FC table averages (its logs have one per row)",
+    recipe_settings("fc"), {"adaptive": {"finetune.epochs": RECIPES["fc"].finetune_epochs}}, selection="final")
+_UV = {"epochs": 20, "lr": 0.01, "batch_size": 128, "model.rank": 20, "data.name": "mnist", "data.subset": None}
+DLRT_VS_UV = TableProtocol(
+    "LeNet5 at rank 20, SGD lr 0.01, batch 128, 20 epochs, 10 runs; our setup: every layer factorised and trained, "
+    "σ_k = d^-k, the paper split", {**_UV, "data.split": "paper"}, runs_per_row=10)
+DLRT_VS_UV_AUTHORS = TableProtocol(
+    "the authors' setup: LeNet5 at rank 20, σ_k = s_k d^-k (s: sorted |N(0,1)| draws), 60 000 training and 10 000 test "
+    "images (no validation set), the final epoch, SGD lr 0.01, batch 128, 20 epochs, 10 runs; their U V^T baseline "
+    "keeps the convs frozen", {**_UV, "model.init": "authors", "data.split": "train_test"}, runs_per_row=10,
+    selection="final")
+
+
+# ---------------------------------------------------------------------------------------------
+# the runs that make the tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Runs of one table: `dlrt-run -m experiment=<experiment> <fixed> <grid>`, every combination of the grid."""
+
+    experiment: str
+    grid: dict  # config key -> the values swept, in order
+    fixed: dict = field(default_factory=dict)  # overrides every run of the sweep takes
+    cost: str = ""  # why it comes last (and may stay not run), where it does
+
+    def runs(self) -> list[dict]:
+        """Each run's overrides, experiment first."""
+        return [{"experiment": self.experiment, **self.fixed, **dict(zip(self.grid, values))}
+                for values in itertools.product(*self.grid.values())]
+
+    def command(self) -> str:
+        """The dlrt-run command of the whole sweep."""
+        args = [f"{key}={value}" for key, value in self.fixed.items()]
+        args += [f"{key}={','.join(map(str, values))}" for key, values in self.grid.items()]
+        return " ".join(["dlrt-run -m", f"experiment={self.experiment}", *args])
+
+
+def _taus(paper: dict) -> tuple:
+    return tuple(tau for tau in paper if tau != "dense")
+
+
+SEEDS_LENET5 = tuple(range(LENET5.runs_per_row))
+SEEDS_UV_AUTHORS = tuple(range(DLRT_VS_UV_AUTHORS.runs_per_row))
+SEEDS_UV_OURS = tuple(range(5))  # half the paper's 10: our setup is a comparison of our own, not a paper row
+FC_WIDTHS = tuple(PAPER_FC)
+FC_TAUS = _taus(PAPER_FC[FC_WIDTHS[0]])
+
+LENET5_DLRT = Sweep("lenet5_mnist", {"tau": _taus(PAPER_LENET5), "seed": SEEDS_LENET5})
+LENET5_DENSE = Sweep("lenet5_mnist", {"seed": SEEDS_LENET5}, {"method": "dense", "tau": 0, "epochs": 10})
+LENET5_SVD_INIT = Sweep("lenet5_mnist", {"tau": _taus(PAPER_LENET5), "seed": SEEDS_LENET5}, {"model.init": "svd"})
+FC_DLRT = Sweep("fc_mnist", {"model.width": FC_WIDTHS, "tau": FC_TAUS[1:]})
+FC_DENSE = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"method": "dense", "tau": 0})
+FC_AT_003 = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"tau": FC_TAUS[0]}, cost=(
+    "its ranks stay near their cap (392 at width 784), about 290 s per epoch at width 784 on the 2-core CPU "
+    "with one thread, some 28 hours for the 350 epochs"))
+UV_AUTHORS = Sweep("dlrt_vs_uv_authors", {"method": ("fixed", "vanilla_frozen_convs"),
+                                          "model.spectrum": tuple(SPECTRUM_LABELS), "seed": SEEDS_UV_AUTHORS})
+UV_OURS = Sweep("dlrt_vs_uv", {"method": ("fixed", "vanilla"), "model.spectrum": tuple(SPECTRUM_LABELS),
+                               "seed": SEEDS_UV_OURS})
+
+# Every table's runs, in the order they are run (issue 24): the FC tables, the dense LeNet5 row, the DLRT vs U V^T
+# studies, the LeNet5 rows, then FC at ϑ = 0.03, the costliest by far.
+SWEEPS = (FC_DLRT, FC_DENSE, LENET5_DENSE, UV_AUTHORS, UV_OURS, LENET5_DLRT, LENET5_SVD_INIT, FC_AT_003)
+# experiment -> its table's protocol and the sweep that `dlrt-run -m experiment=<name>` runs (its yaml reads it)
+EXPERIMENTS = {"lenet5_mnist": (LENET5, LENET5_DLRT), "fc_mnist": (FC, FC_DLRT),
+               "dlrt_vs_uv": (DLRT_VS_UV, UV_OURS), "dlrt_vs_uv_authors": (DLRT_VS_UV_AUTHORS, UV_AUTHORS)}

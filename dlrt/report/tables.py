@@ -2,11 +2,13 @@
 
     dlrt-tables --runs results/runs --out results --archive results/archive/2026-11-27
     dlrt-tables --runs runs_quick --out results/quick --experiments lenet5_mnist
+    dlrt-tables --runs results/runs --missing > missing.txt    # the dlrt-run commands the tables still miss
 
 It reads <runs>/<experiment>/<run>/{config.yaml, epochs.csv, summary.json} and writes <out>/tables/<table>.csv
 and .md, then the figures of dlrt.report.plots into <out>/plots/. Without --out it writes into tables_out/, so that
 it never overwrites committed results unless told to. A paper row with no finished run of ours reads "not run" (or
-shows an archived row, marked as such): no number is ever filled in for us.
+shows an archived row, marked as such): no number is ever filled in for us. With --missing it writes nothing but
+prints the runs of protocols.SWEEPS that have no finished folder under --runs (dlrt.report.missing).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from dlrt.experiments.run_folder import write_text
 
-from . import fc, lenet5, plots, uv
+from . import fc, lenet5, missing, plots, uv
 from .markdown import Table
 from .runs import load_experiment
 
@@ -47,7 +49,22 @@ def parse_args(argv):
                         help="a folder of earlier table CSVs whose rows fill rows that have no run (marked as archived)")
     parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS), metavar="NAME",
                         help=f"which experiments (default: all of {', '.join(EXPERIMENTS)})")
+    parser.add_argument("--missing", action="store_true",
+                        help="print the dlrt-run command of every run of the tables (protocols.SWEEPS) that has no "
+                             "finished folder under --runs, one per line, and write nothing")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --missing: overrides every listed run takes (a quick pass: epochs=2 data.subset=5000)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="with --missing: only the first N seeds of each sweep")
     args = parser.parse_args(argv)
+    if args.missing:
+        try:
+            args.override = missing.parse_overrides(args.override)
+        except ValueError as e:
+            parser.error(str(e))
+        return args
+    if args.override or args.seeds is not None:
+        parser.error("--override and --seeds go with --missing: they choose which runs it lists")
     if not args.runs.is_dir():
         parser.error(f"--runs {args.runs}: no such folder")
     if args.archive is not None and not args.archive.is_dir():
@@ -57,6 +74,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.missing:
+        runs = missing.planned_runs(overrides=args.override, seeds=args.seeds)
+        print("\n".join(missing.missing_commands(args.runs, runs)))
+        return 0
     tables, runs = {}, {}
     for name in args.experiments:
         experiment = load_experiment(args.runs, name)

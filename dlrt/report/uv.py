@@ -13,8 +13,8 @@ import math
 
 import pandas as pd
 
-from dlrt.experiments.protocols import (DLRT_VS_UV, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD,
-                                        SPECTRUM_LABELS, TableProtocol)
+from dlrt.experiments.protocols import (DLRT_VS_UV, DLRT_VS_UV_AUTHORS, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN,
+                                        PAPER_DLRT_VS_UV_STD, SPECTRUM_LABELS)
 
 from .archive import fill_from_archive
 from .markdown import Table, acc_cell, decimal, markdown_table, render, runs_cell, uv_method_label
@@ -23,14 +23,8 @@ from .runs import Experiment, Run, count_runs, group_runs, mean_std
 EPOCHS = len(next(iter(PAPER_DLRT_VS_UV_MEAN.values())))
 # the paper's method names for each setup's rows: its U V^T row is the authors' frozen-conv baseline
 PAPER_METHOD = {"fixed": "fixed", "vanilla": "vanilla", "vanilla_frozen_convs": "vanilla"}
-AUTHORS = TableProtocol(
-    "the authors' setup: LeNet5 at rank 20, σ_k = s_k d^-k (s: sorted |N(0,1)| draws), 60 000 training and 10 000 test "
-    "images (no validation set), the final epoch, SGD lr 0.01, batch 128, 20 epochs, 10 runs; their U V^T baseline "
-    "keeps the convs frozen",
-    {**DLRT_VS_UV.settings, "model.init": "authors", "data.split": "train_test", "selection": "final"},
-    runs_per_row=10)
 SETUPS = {
-    "dlrt_vs_uv_authors": ("the authors' setup", AUTHORS, ("fixed", "vanilla_frozen_convs")),
+    "dlrt_vs_uv_authors": ("the authors' setup", DLRT_VS_UV_AUTHORS, ("fixed", "vanilla_frozen_convs")),
     "dlrt_vs_uv": ("ours: every layer factorised and trained", DLRT_VS_UV, ("fixed", "vanilla")),
 }
 
