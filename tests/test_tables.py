@@ -26,7 +26,8 @@ def config(model: str, method: str, tau: float, seed: int, epochs: int, **extra)
     if not lenet:
         model_cfg["width"] = extra.pop("width")
     return {
-        "tau": tau, "seed": seed, "epochs": epochs, "batch_size": 128 if lenet else 256,
+        "tau": tau, "seed": seed, "selection": extra.pop("selection", "min_val_loss"), "epochs": epochs,
+        "batch_size": 128 if lenet else 256,
         "lr": extra.pop("lr", 0.05 if lenet else 0.001),
         "optim": {"name": "sgd" if lenet else "adam", "momentum": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
         "device": "auto", "threads": 1, "out_dir": "runs", "eval_batch_size": 2048, "progress": False,
@@ -37,11 +38,11 @@ def config(model: str, method: str, tau: float, seed: int, epochs: int, **extra)
     }
 
 
-def epoch_row(epoch: int, val_loss: float, test_acc: float, ranks, shapes, dense_shapes) -> dict:
+def epoch_row(epoch: int, val_loss: float, test_acc: float, ranks, shapes, dense_shapes, phase="train") -> dict:
     """One epochs.csv row, with parameter counts from dlrt.metrics for these ranks (None: a dense model)."""
     low_rank = [] if ranks is None else list(zip(shapes, ranks))
     dense = dense_shapes + (shapes if ranks is None else [])
-    row = {"epoch": epoch, "phase": "train", "train_loss": val_loss, "train_acc": test_acc, "val_loss": val_loss,
+    row = {"epoch": epoch, "phase": phase, "train_loss": val_loss, "train_acc": test_acc, "val_loss": val_loss,
            "val_acc": test_acc, "test_loss": val_loss, "test_acc": test_acc,
            "ranks": "" if ranks is None else " ".join(map(str, ranks)),
            **{f"rank_{i}": r for i, r in enumerate(ranks or [])}}
@@ -58,15 +59,18 @@ def epoch_row(epoch: int, val_loss: float, test_acc: float, ranks, shapes, dense
 
 def write_run(root, experiment, name, cfg, epochs, *, status="completed", command=COMMAND, finished="2026-01-02T03:04:05+00:00",
               shapes=LENET5_SHAPES, dense_shapes=LENET5_DENSE):
-    """A run folder; epochs: (val_loss, test_acc, ranks) per epoch. status None: still running (no summary)."""
+    """A run folder; epochs: (val_loss, test_acc, ranks[, phase]) per epoch. status None: still running (no summary).
+    The selected epoch is the config's selection: the final one, or that of minimum validation loss."""
     folder = root / experiment / name
     folder.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), folder / "config.yaml")
-    rows = [epoch_row(i + 1, *e, shapes, dense_shapes) for i, e in enumerate(epochs)]
+    rows = [epoch_row(i + 1, *e[:3], shapes, dense_shapes, *e[3:]) for i, e in enumerate(epochs)]
     pd.DataFrame(rows).to_csv(folder / "epochs.csv", index=False)
     if status == "completed":
-        best = min(rows, key=lambda r: r["val_loss"])
-        summary = {"status": "completed", "selected_epoch": best["epoch"], "selection": "minimum validation loss",
+        final = cfg.get("selection") == "final"
+        best = rows[-1] if final else min(rows, key=lambda r: r["val_loss"])
+        summary = {"status": "completed", "selected_epoch": best["epoch"],
+                   "selection": "final epoch" if final else "minimum validation loss",
                    "selected": best, "final": rows[-1], "seconds_per_epoch": 2.0, "device": "NVIDIA H100",
                    "torch": "2.5.0", "code_version": "abc1234", "command": command, "finished": finished}
     elif status == "failed":
@@ -97,14 +101,22 @@ def lenet5_runs(root):
 
 
 def fc_runs(root):
-    write_run(root, "fc_mnist", "fc-mnist-adaptive-tau0.09-seed0_epochs=2,finetune.epochs=1,model.width=500",
-              config("fc", "adaptive", 0.09, 0, 2, width=500, finetune_epochs=1),
-              [(0.3, 97.0, [60, 70, 70, 60]), (0.1, 98.0, [40, 50, 50, 45]), (0.2, 97.5, [30, 40, 40, 35])],
-              shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
-    write_run(root, "fc_mnist", "fc-mnist-dense-tau0-seed0_epochs=2,model.width=500", config("fc", "dense", 0, 0, 2, width=500),
-              [(0.3, 97.0, None), (0.2, 98.3, None)], shapes=FC500_SHAPES, dense_shapes=FC500_DENSE)
+    """Width 500: ϑ = 0.09 at the FC protocol (the final epoch selected; 2 adaptive + 1 fine-tuning epochs), the same ϑ
+    once more as runs made before that (selected at minimum validation loss), dense; a width-784 run still going."""
+    fc500 = {"shapes": FC500_SHAPES, "dense_shapes": FC500_DENSE}
+    epochs = [(0.3, 97.0, [60, 70, 70, 60]), (0.1, 98.0, [40, 50, 50, 45]), (0.2, 97.5, [30, 40, 40, 35]),
+              (0.25, 97.7, [30, 40, 40, 35], "finetune")]
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        write_run(root, "fc_mnist", f"fc-mnist-adaptive+fixed1-tau0.09-seed{seed}_epochs=3,finetune.epochs=1,model.width=500",
+                  config("fc", "adaptive", 0.09, seed, 3, width=500, finetune_epochs=1, selection="final"),
+                  [(loss, acc + shift, *rest) for loss, acc, *rest in epochs], **fc500)
+    write_run(root, "fc_mnist", "fc-mnist-adaptive+fixed1-tau0.09-seed0_epochs=3,finetune.epochs=1,model.width=500,old",
+              config("fc", "adaptive", 0.09, 0, 3, width=500, finetune_epochs=1), epochs, **fc500)
+    write_run(root, "fc_mnist", "fc-mnist-dense-tau0-seed0_epochs=2,model.width=500",
+              config("fc", "dense", 0, 0, 2, width=500, selection="final"), [(0.3, 97.0, None), (0.2, 98.3, None)], **fc500)
     write_run(root, "fc_mnist", "fc-mnist-adaptive-tau0.05-seed0_model.width=784",  # still running, another width
-              config("fc", "adaptive", 0.05, 0, 250, width=784), [(0.3, 97.0, [60, 70, 70, 60])], status=None)
+              config("fc", "adaptive", 0.05, 0, 250, width=784, selection="final"), [(0.3, 97.0, [60, 70, 70, 60])],
+              status=None)
 
 
 def dlrt_vs_uv_runs(root):
@@ -210,22 +222,62 @@ def test_commands_that_differ_only_in_their_seed_are_merged():
     ]
 
 
+def fc500_row(frame, tau, selection="final"):
+    rows = frame[(frame["tau"] == tau) & (frame["selection"] == selection)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
 def test_fc_table_per_width_with_the_papers_numbers(made):
     assert not (made / "tables" / "fc784_mnist.csv").exists()  # no run of that width
     frame = table(made, "fc500_mnist")
-    assert list(frame["tau"].dropna()) == [0.03, 0.05, 0.07, 0.09, 0.11, 0.13, 0.15, 0.17]
-    row = frame[frame["tau"] == 0.09].iloc[0]
-    assert row["test_acc_mean"] == pytest.approx(98.0) and row["ranks"] == "[40,50,50,45]" and row["epochs"] == 3
+    assert list(frame["tau"].dropna()) == [0.03, 0.05, 0.07, 0.09, 0.09, 0.11, 0.13, 0.15, 0.17]
+    row = fc500_row(frame, 0.09)
     assert row["paper_test_acc"] == 98.34 and row["paper_ranks"] == "[35,53,51,46]"
     assert row["paper_eval_params"] == 1284 * 35 + 1000 * (53 + 51 + 46) + 5000
-    # the paper's FC ranks are final ranks: ours at the end of training are there too
-    assert row["final_test_acc_mean"] == pytest.approx(97.5) and row["final_ranks"] == "[30,40,40,35]"
+    assert row["paper_cr_eval"] == pytest.approx(compression_rate(row["paper_eval_params"], 784 * 500 + 3 * 500 ** 2 + 5000))
     dense = frame[frame["method"] == "dense"].iloc[0]
-    assert dense["paper_eval_params"] == dense["eval_params_honest"] == 784 * 500 + 3 * 500 * 500 + 5000
+    assert dense["paper_eval_params"] == dense["eval_params_honest"] == dense["eval_params_fc"] == 784 * 500 + 3 * 500 * 500 + 5000
+
+
+def test_fc_rows_are_read_at_the_final_epoch_with_the_adaptive_phases_ranks(made):
+    row = fc500_row(table(made, "fc500_mnist"), 0.09)
+    assert row["n_seeds"] == 2 and row["test_acc_mean"] == pytest.approx(97.8)  # after the fine-tuning epoch
+    assert row["best_seed"] == 1 and row["ranks"] == row["adaptive_end_ranks"] == "[30,40,40,35]"
+    assert row["min_val_loss_test_acc_mean"] == pytest.approx(98.1) and row["min_val_loss_ranks"] == "[40,50,50,45]"
+    assert row["min_val_loss_epochs"] == "2 2" and row["epochs"] == 4
+    # the FC tables' convention (PAPER.md §4), from the ranks the row shows
+    assert row["eval_params_fc"] == 1284 * 30 + 1000 * (40 + 40 + 35) + 5000
+    train = lambda n_plus_m, r: 2 * n_plus_m * r + 4 * r * r
+    assert row["train_params_fc"] == train(1284, 30) + 2 * train(1000, 40) + train(1000, 35) + 2 * 5000
     md = (made / "tables" / "fc500_mnist.md").read_text()
-    assert "finetune.epochs = 1 in 1 run(s) (paper: 100)" in md
+    assert "each run read at its final epoch" in md.split("## ")[0]  # the header says which epoch
+    assert "finetune.epochs = 1 in 3 run(s) (paper: 100)" in md
     assert "still running" not in md  # the unfinished run is of width 784
-    assert "| 0.09 | 97.50 (1 run) | 98.00 (1 run) | 98.34 | [30,40,40,35] | [40,50,50,45] | [35,53,51,46] |" in md
+    assert ("| 0.09 | 98.34 | 97.80 ± 0.14 | 98.10 ± 0.14 | [35,53,51,46] | [30,40,40,35] | 82.6 % | "
+            f"{compression_rate(row['eval_params_fc'], 784 * 500 + 3 * 500 ** 2 + 5000):.1f} % | – | – |") in md
+    assert "| 0.03 | 98.49 | not run (cost: see the notes) |" in md and "290 s per epoch" in md
+
+
+def test_fc_runs_selected_by_another_rule_are_a_row_of_their_own(made):
+    old = fc500_row(table(made, "fc500_mnist"), 0.09, "min_val_loss")
+    assert old["n_seeds"] == 1 and old["test_acc_mean"] == pytest.approx(98.0) and old["ranks"] == "[40,50,50,45]"
+    md = (made / "tables" / "fc500_mnist.md").read_text()
+    assert "| 0.09 (selected at min_val_loss) | 1 | 98.00 (1 run) |" in md
+    assert "adaptive runs have selection = min_val_loss in 1 run(s) (paper: final)" in md
+
+
+def test_fc_authors_procedure_beside_ours(tmp_path):
+    for experiment, acc in (("fc_mnist", 98.0), ("fc_mnist_authors", 98.4)):
+        write_run(tmp_path, experiment, "fc-mnist-adaptive-tau0.09-seed0_model.width=500",
+                  config("fc", "adaptive", 0.09, 0, 2, width=500, selection="final"),
+                  [(0.1, 97.0, [50, 50, 50, 50]), (0.2, acc, [30, 30, 30, 30] if acc > 98.1 else [40, 40, 40, 40])],
+                  shapes=FC500_SHAPES, dense_shapes=FC500_DENSE, command=f"dlrt-run experiment={experiment}")
+    main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--experiments", "fc_mnist"])
+    row = fc500_row(table(tmp_path / "out", "fc500_mnist"), 0.09)
+    assert row["authors_test_acc_mean"] == pytest.approx(98.4) and row["authors_ranks"] == "[30,30,30,30]"
+    md = (tmp_path / "out" / "tables" / "fc500_mnist.md").read_text()
+    assert "| 98.40 (1 run) | [30,30,30,30] |" in md and "`dlrt-run experiment=fc_mnist_authors`" in md
 
 
 def test_dlrt_vs_uv_accuracy_per_epoch(made):
@@ -305,6 +357,25 @@ def test_archived_rows_fill_rows_without_runs_and_are_marked(tmp_path):
     assert lenet5_row(frame, "adaptive", 0.15, "svd")["test_acc_mean"] == pytest.approx(97.5)  # runs win
     md = (tmp_path / "out" / "tables" / "lenet5_mnist.md").read_text()
     assert "90.88 ± 4.18 (a)" in md and "1 row(s) from" in md and "Tables of an earlier commit" in md
+
+
+def test_archived_fc_rows_are_min_val_loss_rows_and_fill_the_protocol_column_at_their_final_epoch(tmp_path):
+    runs, archive = tmp_path / "runs", tmp_path / "archive"
+    fc_runs(runs)
+    archive.mkdir()
+    row = {"width": 500, "method": "adaptive", "n_seeds": 1, "n_failed": 0, "test_acc_mean": 98.08, "ranks": "[72,73,77,80]",
+           "selected_epochs": "5", "final_test_acc_mean": 98.5, "final_ranks": "[47,46,48,58]"}
+    pd.DataFrame([{**row, "tau": 0.11, "settings": "epochs=250, finetune.epochs=100"},
+                  {**row, "tau": 0.13, "settings": "epochs=20, finetune.epochs=10"}]).to_csv(archive / "fc500_mnist.csv",
+                                                                                          index=False)
+    main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--experiments", "fc_mnist", "--archive", str(archive)])
+    archived = fc500_row(table(tmp_path / "out", "fc500_mnist"), 0.11, "min_val_loss")
+    assert archived["min_val_loss_test_acc_mean"] == pytest.approx(98.08) and archived["adaptive_end_ranks"] == "[47,46,48,58]"
+    md = (tmp_path / "out" / "tables" / "fc500_mnist.md").read_text()
+    assert "| 0.11 | 98.11 | 98.50 (1 run) (a) | 98.08 (1 run) (a) | [27,40,37,38] | [47,46,48,58] |" in md
+    assert "| 0.13 | 97.50 | not run |" in md  # an archived run of other epochs is not the protocol's
+    assert ("| 0.11 [epochs=250, finetune.epochs=100] (selected at min_val_loss) | 1 | 98.08 (1 run) (a) | 98.08 (1 run) (a) "
+            "| 98.11 |") in md
 
 
 def test_unreadable_run_folders_are_named_and_skipped(tmp_path, capsys):

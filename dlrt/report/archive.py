@@ -12,11 +12,20 @@ from pathlib import Path
 
 import pandas as pd
 
+# The FC tables before they read the final epoch: their runs were selected at minimum validation loss.
+FC_BEFORE_FINAL_SELECTION = {
+    "selection": lambda row: "min_val_loss",
+    "min_val_loss_test_acc_mean": lambda row: row.get("test_acc_mean"),
+    "min_val_loss_test_acc_std": lambda row: row.get("test_acc_std"),
+    "min_val_loss_ranks": lambda row: row.get("ranks"),
+    "min_val_loss_epochs": lambda row: row.get("selected_epochs"),
+    "adaptive_end_ranks": lambda row: row.get("final_ranks"),  # the fine-tuning keeps the adaptive phase's ranks
+}
 # A table's row key, and how archived rows fill the columns their table did not have yet.
 KEYS = {
     "lenet5_mnist": (("method", "tau", "init", "settings"), {"init": lambda row: "" if row["method"] == "dense" else "svd"}),
-    "fc500_mnist": (("width", "method", "tau", "settings"), {}),
-    "fc784_mnist": (("width", "method", "tau", "settings"), {}),
+    "fc500_mnist": (("width", "method", "tau", "settings"), FC_BEFORE_FINAL_SELECTION),
+    "fc784_mnist": (("width", "method", "tau", "settings"), FC_BEFORE_FINAL_SELECTION),
     "dlrt_vs_uv": (("spectrum", "method", "settings"), {}),
 }
 
