@@ -15,6 +15,7 @@ batch 128) on the authors' split of `experiment=dlrt_vs_uv_authors` (dlrt.experi
 
 import argparse
 import glob
+import importlib
 import json
 import subprocess
 import sys
@@ -38,20 +39,32 @@ CLASSIFIER = 9
 BATCH, LR = 128, 0.01
 
 
-def import_published(repo: str):
-    """Their Lenet5 and dlr_opt, from the files of the repository's HEAD copied to a temporary folder."""
+def import_published(repo: str, paths: list[str], modules: list[str], roots: tuple[str, ...] = ("",)) -> list:
+    """`modules` of the published code, from `paths` of the repository's HEAD copied in their folders to a
+    temporary folder; `roots` are its folders put on sys.path for the imports (their files import each other
+    by plain names from their own folder, or as packages from the repository's top)."""
     with tempfile.TemporaryDirectory(prefix="dlrt-published-") as folder:
-        for path in PUBLISHED_FILES:
+        for path in paths:
             read = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], capture_output=True, text=True)
             if read.returncode != 0:
                 sys.exit(f"--repo {repo}: cannot read {path} at HEAD ({read.stderr.strip()}); pass a git clone of "
                          "github.com/COMPiLELab/DLRT-Net")
-            (Path(folder) / Path(path).name).write_text(read.stdout)
-        sys.path.insert(0, folder)
-        from Lenet5_dlrt import Lenet5
-        from dlrt_optimizer import dlr_opt
-        sys.path.remove(folder)
-    return Lenet5, dlr_opt
+            (Path(folder) / path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(folder) / path).write_text(read.stdout)
+        search = [str(Path(folder) / root) for root in roots]
+        sys.path[:0] = search
+        try:
+            return [importlib.import_module(name) for name in modules]
+        finally:
+            for entry in search:
+                sys.path.remove(entry)
+
+
+def fixed_rank_code(repo: str):
+    """Their fixed-rank Lenet5 (UV_vanilla/) and dlr_opt."""
+    lenet5, optimizer = import_published(repo, PUBLISHED_FILES, ["Lenet5_dlrt", "dlrt_optimizer"],
+                                         roots=("UV_vanilla", "optimizer_KLS"))
+    return lenet5.Lenet5, optimizer.dlr_opt
 
 
 def their_step(model, optimizer, xb, yb) -> float:
@@ -66,7 +79,7 @@ def their_step(model, optimizer, xb, yb) -> float:
 
 
 def train(args) -> None:
-    Lenet5, dlr_opt = import_published(args.repo)
+    Lenet5, dlr_opt = fixed_rank_code(args.repo)
     data = load_data("mnist", root=args.data_root, split="train_test", seed=args.seed)
     torch.manual_seed(args.seed)
     model = Lenet5(device="cpu", decay=args.decay)
@@ -94,7 +107,7 @@ def train(args) -> None:
 
 
 def same_start(args) -> None:
-    Lenet5, dlr_opt = import_published(args.repo)
+    Lenet5, dlr_opt = fixed_rank_code(args.repo)
     data = load_data("mnist", root=args.data_root, split="train_test", seed=args.seed)
     torch.manual_seed(args.seed)
     theirs = Lenet5(device="cpu", decay=args.decay)
