@@ -22,34 +22,33 @@ test: $(STAMP)
 run: $(STAMP)
 	$(RUN) model=lenet5 tau=0.15 epochs=5 data.subset=20000 threads=1
 
-# The paper's MNIST tables from real runs, then results/tables/*.csv|md and results/plots/*.png. RUNS (default
-# results/runs, the committed run records) is where run folders go: finished runs are skipped and interrupted ones
-# resume, so the default completes what is missing; RUNS=runs reruns everything in a folder of your own.
-# QUICK=1: a few epochs on a data subset, into runs_quick/ and results/quick/, to try the pipeline in minutes.
-RUNS ?= results/runs
-TABLES := $(VENV)/bin/dlrt-tables --archive results/archive/2026-11-27
+# The paper's MNIST tables from real runs, then results/tables/*.csv|md and results/plots/*.png. The runs are those
+# of dlrt/experiments/protocols.py (SWEEPS): `dlrt-tables --missing` lists the ones RUNS (default results/runs, the
+# committed run records) does not hold finished, interrupted ones included (dlrt-run resumes them), into
+# logs/missing_runs.txt; scripts/parallel_runs.sh runs them JOBS (default 2) at a time, one thread each, and with
+# DEADLINE=<seconds> starts none after that many seconds and stops those still running then (run the target again
+# to resume them). QUICK=1: one seed per row, 1 epoch (+1 fine-tuning) on 5000 images, into runs_quick/ and
+# results/quick/, to try the pipeline.
+JOBS ?= 2
+DEADLINE ?=
+QUEUE := logs/missing_runs.txt
+TABLES := $(VENV)/bin/dlrt-tables
 ifeq ($(QUICK),1)
-SWEEP_ARGS := out_dir=runs_quick data.subset=5000 progress=false threads=1
-reproduce-tables: $(STAMP)
-	$(RUN) -m experiment=lenet5_mnist seed=0,1 epochs=2 $(SWEEP_ARGS)
-	$(RUN) -m experiment=lenet5_mnist method=dense tau=0 seed=0,1 epochs=2 $(SWEEP_ARGS)
-	$(RUN) -m experiment=fc_mnist tau=0.09,0.17 epochs=1 finetune.epochs=1 $(SWEEP_ARGS)
-	$(RUN) -m experiment=fc_mnist method=dense tau=0 epochs=1 $(SWEEP_ARGS)
-	$(RUN) -m experiment=dlrt_vs_uv seed=0,1 epochs=2 $(SWEEP_ARGS)
-	$(RUN) -m experiment=dlrt_vs_uv_authors seed=0 epochs=2 $(SWEEP_ARGS)
-	$(TABLES) --runs runs_quick --out results/quick
+RUNS := runs_quick
+OUT := results/quick
+MISSING := --seeds 1 --override epochs=1 finetune.epochs=1 data.subset=5000
+ARCHIVE :=
 else
-SWEEP_ARGS := out_dir=$(RUNS) progress=false threads=1
-reproduce-tables: $(STAMP)
-	$(RUN) -m experiment=lenet5_mnist $(SWEEP_ARGS)
-	$(RUN) -m experiment=lenet5_mnist method=dense tau=0 epochs=10 $(SWEEP_ARGS)
-	$(RUN) -m experiment=lenet5_mnist model.init=svd $(SWEEP_ARGS)
-	$(RUN) -m experiment=dlrt_vs_uv_authors $(SWEEP_ARGS)
-	$(RUN) -m experiment=dlrt_vs_uv $(SWEEP_ARGS)
-	$(RUN) -m experiment=fc_mnist $(SWEEP_ARGS)
-	$(RUN) -m experiment=fc_mnist method=dense tau=0 $(SWEEP_ARGS)
-	$(TABLES) --runs $(RUNS) --out results
+RUNS ?= results/runs
+OUT := results
+MISSING :=
+ARCHIVE := --archive results/archive/2026-11-27
 endif
+reproduce-tables: $(STAMP)
+	mkdir -p logs
+	$(TABLES) --runs $(RUNS) --missing $(MISSING) > $(QUEUE)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/parallel_runs.sh $(QUEUE) $(JOBS) $(DEADLINE)
+	$(TABLES) --runs $(RUNS) --out $(OUT) $(ARCHIVE)
 
 bench: $(STAMP)
 	$(VENV)/bin/dlrt-bench

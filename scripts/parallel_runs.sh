@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Run the commands of a file (one per line, e.g. `dlrt-run ...` calls), JOBS at a time. Several small runs
-# share one GPU well: a LeNet5 or FC step leaves most of the GPU idle while Python launches the next kernel.
+# Run the commands of a file (one per line, e.g. the `dlrt-run ...` calls that `dlrt-tables --missing` lists, as
+# `make reproduce-tables` does), JOBS at a time. Several small runs share one GPU well: a LeNet5 or FC step leaves
+# most of the GPU idle while Python launches the next kernel.
 #
-#   bash scripts/parallel_runs.sh COMMANDS_FILE [JOBS] [SECONDS]
+#   dlrt-tables --runs results/runs --missing > missing.txt
+#   bash scripts/parallel_runs.sh missing.txt [JOBS] [SECONDS]
 #
 # SECONDS (optional) is a deadline from now: no command starts after it, and those still running are
 # stopped at it. dlrt-run checkpoints every epoch and skips finished runs, so calling this again with the
