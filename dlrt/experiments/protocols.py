@@ -168,7 +168,7 @@ FC = TableProtocol(
     "Adam lr 1e-3, batch 256, 50k/10k/10k split, 250 rank-adaptive epochs then 100 fixed-rank epochs at the final "
     "ranks; each run read at its final epoch (the accuracy after the fine-tuning, the ranks of the adaptive phase's "
     "end), as the paper's FC table and the authors' logs do (results/ERRATA.md, finding 4); the paper does not say "
-    "how many runs its FC table averages (its logs have one per row)",
+    "how many runs its FC table averages",
     recipe_settings("fc"), {"adaptive": {"finetune.epochs": RECIPES["fc"].finetune_epochs}}, selection="final")
 _UV = {"epochs": 20, "lr": 0.01, "batch_size": 128, "model.rank": 20, "data.name": "mnist", "data.subset": None}
 DLRT_VS_UV = TableProtocol(

@@ -19,7 +19,7 @@ from dlrt.experiments.run_folder import RunFolder, RunFolderError
 from dlrt.metrics import compression_rate, dense_layer_count
 
 from .archive import fill_from_archive
-from .markdown import (CONVENTIONS_NOTE, Table, acc_cell, command_lines, decimal, integer, is_missing, markdown_table,
+from .markdown import (Table, acc_cell, command_lines, decimal, integer, is_missing, markdown_table,
                        percent, render, runs_cell, tau_label, text)
 from .runs import Experiment, Run, count_runs, group_runs, mean_std, method_order, paper_key, ranks_text, selected_columns
 
@@ -196,8 +196,8 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         "c.r. eval and the FC-convention counts are the FC tables' (PAPER.md §4): eval Σ (n+m) r, train "
         "Σ (2 (n+m) r + 4 r²), over the four low-rank layers (784→w, w→w, w→w, w→w), plus the dense output layer "
         "w→10 (its weight, and its gradient in training); the paper's FC table gives accuracies and ranks only, its "
-        "counts here are computed from its ranks. The honest counts below are what is stored:",
-        CONVENTIONS_NOTE,
+        "counts here are computed from its ranks. The honest counts (dlrt.metrics) are what is stored: U, V and "
+        "diag S, (n+m) r + r at evaluation, 3 (n+m) r + 6 r² in training; biases are never counted.",
     ]
     at_003 = frame[(frame["tau"] == FC_AT_003.fixed["tau"]) & (frame["n_seeds"] > 0) & (frame["settings"].fillna("") == "")
                    & (frame["selection"] == FC.selection)]
