@@ -2,7 +2,7 @@
 
     model, report = dlrt.convert(torchvision.models.resnet50(), rank=0.25)
     print(report)                       # what was converted, with shapes and ranks, and what was kept dense
-    dense = dlrt.merge(model)           # plain nn.Linear / nn.Conv2d again, for export
+    model = dlrt.merge(model)           # plain nn.Linear / nn.Conv2d again, in place, for export
 
 Which modules are converted: every nn.Linear and nn.Conv2d whose qualified name matches `include`
 (fnmatch patterns, default all) and none of `exclude`, except, by default, the model's first conv (its
@@ -21,7 +21,7 @@ from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear, _LowRankLayer
 
-Rank = int | float | None | Sequence[int] | Callable[[str, int, int], int]
+Rank = int | float | None | Sequence[int] | dict[str, int] | Callable[[str, int, int], int]
 
 
 @dataclass
@@ -95,9 +95,22 @@ def _per_layer(ranks: Sequence[int], count: int) -> Callable[[str, int, int], in
     return next_rank
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _by_name(ranks: dict[str, int]) -> Callable[[str, int, int], int]:
+    """A rank function that gives each layer the rank its qualified name has in `ranks`."""
+    def rank_of(name: str, n: int, m: int) -> int:
+        if name not in ranks:
+            raise ValueError(f"the rank dict gives no rank for {name}: add it, or leave it out with exclude")
+        return ranks[name]
+    return rank_of
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `name` in `model`; returns the model, which is `module` itself when name is "" (the root)."""
+    if not name:
+        return module
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return model
 
 
 def convert(
@@ -112,6 +125,8 @@ def convert(
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace the model's Linear/Conv2d layers by low-rank ones, in place; returns (model, report).
 
+    rank: None, an int, a fraction or a function (name, n, m) -> rank (see _choose_rank); a list, one rank per
+    converted layer in the model's order; or a dict {qualified name: rank}, as dlrt.export stores a conversion.
     from_weights=True starts each layer at the truncated SVD of its current weight (a pretrained model
     starts at its best low-rank approximation); False draws fresh factors, by `init` (layers.INITS):
     "svd" (the truncated SVD of a fresh torch draw) or "authors" (the published code's random factors).
@@ -130,6 +145,12 @@ def convert(
                                                                                include, exclude) is None]
     if isinstance(rank, (list, tuple)):
         rank = _per_layer(rank, len(selected))
+    if isinstance(rank, dict):
+        unknown = sorted(set(rank) - {name for name, _ in selected})
+        if unknown:
+            raise ValueError(f"the rank dict names layers that are not converted ({', '.join(unknown[:3])}): name "
+                             "linear or conv layers that include/exclude and keep_first_conv/keep_classifier select")
+        rank = _by_name(rank)
     for name, module in candidates:
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         n, m = _matrix_shape(module)
@@ -138,7 +159,7 @@ def convert(
         entry.note = _skip_reason(name, module, first_conv, classifier, include, exclude) or ""
         if not entry.note:
             entry.rank = _choose_rank(rank, name, n, m)
-            _set_submodule(model, name, _low_rank(module, entry.rank, from_weights, init))
+            model = _replace(model, name, _low_rank(module, entry.rank, from_weights, init))
     return model, report
 
 
@@ -170,7 +191,12 @@ def _low_rank(module: nn.Module, rank: int, from_weights: bool, init: str) -> _L
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every low-rank layer by the plain nn.Linear / nn.Conv2d with its dense weight, in place."""
+    """Replace every low-rank layer by the plain nn.Linear / nn.Conv2d with its dense weight, in place, and return
+    the model (as peft's merge_and_unload; a model that is itself one low-rank layer comes back as a new module, so
+    write `model = merge(model)`). To keep the low-rank model, merge a copy: merge(copy.deepcopy(model)).
+
+    Each replaced layer is marked `merged = True`, so that an optimizer still holding it refuses to step
+    (check_not_merged) rather than train factors that no longer compute anything."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -183,5 +209,18 @@ def merge(model: nn.Module) -> nn.Module:
         dense.weight.copy_(module.dense_weight())
         if module.bias is not None:
             dense.bias.copy_(module.bias)
-        _set_submodule(model, name, dense)
+        module.merged = True
+        model = _replace(model, name, dense)
     return model
+
+
+def check_not_merged(layers: Sequence[_LowRankLayer]) -> None:
+    """Raise, in one line, when dlrt.merge has taken any of these layers out of its model. DLRTOptimizer.step calls
+    it: one dictionary read per layer (vars(), since getattr with a default would raise and catch an
+    AttributeError inside nn.Module for every layer never merged)."""
+    merged = sum(1 for layer in layers if vars(layer).get("merged", False))
+    if merged:
+        raise RuntimeError(f"{merged} of this optimizer's {len(layers)} low-rank layers were replaced by dense ones "
+                           "(dlrt.merge), so its steps would change nothing the model computes: train the merged "
+                           "model with a new optimizer, or merge a copy (dlrt.merge(copy.deepcopy(model))) to keep "
+                           "training this one")

@@ -1,21 +1,25 @@
 """A trained model as a safetensors file that rebuilds itself: `save_model` and `load_exported`.
 
-    dlrt.export.save_model(model, "net.safetensors", "factored", builder="mypkg.nets:make_net", width=500)
+    model, _ = dlrt.convert(torchvision.models.resnet18(num_classes=10), rank=0.25)
+    ...                                                                  # train
+    dlrt.export.save_model(model, "net.safetensors", builder="torchvision.models:resnet18", num_classes=10)
     model = dlrt.export.load_exported("net.safetensors")
 
 Formats: "factored" keeps each low-rank layer's U, V and only the diagonal of S (S is diagonal after every
 truncation; a non-diagonal S, as after s_only fine-tuning, is stored whole): the honest storage of a compressed
 model. "dense" stores the merged plain nn.Linear / nn.Conv2d weights (dlrt.merge).
 
-The file's metadata names the function that builds the network ("module:function") and its keyword arguments,
-plus the layers' ranks, so the loader needs nothing but the file. The builder is called as
-builder(**kwargs, low_rank=<format is factored>, rank=<the ranks>) on the meta device; the file's tensors then
-replace every parameter. dlrt-run's models are built by dlrt.experiments.models:build_model.
+The file's metadata names what builds the network ("module:function" and its keyword arguments; without a
+builder, the model's own class, when it can be imported and made from those arguments) and, as peft's adapter
+config does, the conversion: the low-rank layers' names and ranks, as the arguments of dlrt.convert that remake
+them. The loader calls the builder on the meta device, merges what it built (so any layers, low-rank or not, will
+do), converts the named layers at their ranks, and puts the file's tensors in place of every parameter.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import importlib
 import json
 import os
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .conversion import merge
+from .conversion import convert, merge
 from .layers import low_rank_layers
 
 FORMATS = ("factored", "dense")
@@ -32,15 +36,18 @@ FORMATS = ("factored", "dense")
 
 def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builder: str | None = None,
                **builder_kwargs) -> Path:
-    """Write `model` to `path` in `fmt`, making missing folders; returns the path. `builder`: see the module."""
+    """Write `model` to `path` in `fmt`, making missing folders; returns the path. `builder` ("module:function",
+    called with builder_kwargs) makes the network, dense or not; None: the model's own class. Refused, before
+    anything is written, when the loader could not rebuild the model from them."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     from safetensors.torch import save_file
 
-    ranks = [layer.rank for layer in low_rank_layers(model)]
     tensors = merge(copy.deepcopy(model)).state_dict() if fmt == "dense" else _factored_tensors(model)
-    metadata = {"format": fmt, "builder": builder or "", "builder_kwargs": json.dumps(builder_kwargs),
-                "ranks": json.dumps(ranks), "low_rank": str(bool(ranks) and fmt == "factored")}
+    metadata = {"format": fmt, "builder": builder or f"{type(model).__module__}:{type(model).__qualname__}",
+                "builder_kwargs": _json(builder_kwargs),
+                "conversion": json.dumps(conversion_of(model) if fmt == "factored" else {})}
+    _check_rebuilds(metadata, tensors if fmt == "dense" else model.state_dict(), given=builder is not None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -53,6 +60,54 @@ def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builde
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def conversion_of(model: nn.Module) -> dict:
+    """The keyword arguments of dlrt.convert that turn the model's dense counterpart into it: its low-rank layers
+    by name, at their ranks. JSON-serialisable, as peft's adapter config."""
+    layers = set(low_rank_layers(model))
+    ranks = {name: module.rank for name, module in model.named_modules() if module in layers}
+    return {"rank": ranks, "include": [glob.escape(name) for name in ranks], "keep_first_conv": False,
+            "keep_classifier": False}
+
+
+def _json(kwargs: dict) -> str:
+    try:
+        return json.dumps(kwargs)
+    except TypeError as error:
+        raise ValueError(f"the builder's keyword arguments must be JSON values (numbers, strings, lists, dicts): "
+                         f"{error}") from None
+
+
+def _check_rebuilds(metadata: dict, expected: dict[str, torch.Tensor], given: bool) -> None:
+    """Rebuild the model on the meta device as load_exported will, and refuse in one line when it does not come out
+    with the saved tensors' names and shapes."""
+    what = (f"builder {metadata['builder']!r} with {metadata['builder_kwargs']}" if given
+            else f"its class {metadata['builder']} without a builder")
+    advice = ("pass builder='module:function' and the keyword arguments that make this network, dense or low-rank "
+              "(e.g. save_model(model, path, builder='torchvision.models:resnet18', num_classes=10))")
+    try:
+        with torch.device("meta"):
+            shapes = {key: tuple(t.shape) for key, t in _rebuild(metadata).state_dict().items()}
+    except Exception as error:  # whatever a user's builder raises, the file would not load
+        raise ValueError(f"save_model: the loader could not rebuild this model from {what} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {advice}") from None
+    wanted = {key: tuple(t.shape) for key, t in expected.items()}
+    if shapes != wanted:
+        differ = sorted(set(shapes) ^ set(wanted)) or sorted(k for k in wanted if shapes[k] != wanted[k])
+        raise ValueError(f"save_model: {what} makes a network that differs from this model (in {len(differ)} "
+                         f"tensor(s), first {differ[0]!r}), so the file could not be loaded: {advice}")
+
+
+def _import(builder: str):
+    module, _, name = builder.partition(":")
+    if module == "__main__" or "<locals>" in name:
+        raise ValueError(f"{builder} is defined in a script or a function, which a loader cannot import: define it "
+                         "at the top level of a module")
+    value = importlib.import_module(module)
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _factored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -74,16 +129,27 @@ def load_exported(path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     tensors = load_file(str(path))
-    builder, kwargs = _builder(metadata)
-    low_rank = metadata.get("low_rank") == "True"
     with torch.device("meta"):  # shapes only; the file's tensors replace every parameter
-        model = builder(**kwargs, low_rank=low_rank, rank=json.loads(metadata.get("ranks", "[]")) or None)
+        model = _rebuild(metadata)
     layers = {id(layer) for layer in low_rank_layers(model)}
     for name, module in model.named_modules():
         if id(module) in layers and tensors[f"{name}.S"].dim() == 1:
             tensors[f"{name}.S"] = torch.diag(tensors[f"{name}.S"])
     model.load_state_dict(tensors, assign=True)
     return model.eval()
+
+
+def _rebuild(metadata: dict) -> nn.Module:
+    """The network the metadata describes: the builder's, merged, with the stored conversion applied."""
+    if "conversion" not in metadata:  # files of dlrt 0.2 and before: the builder made the low-rank layers
+        builder, kwargs = _builder(metadata)
+        return builder(**kwargs, low_rank=metadata.get("low_rank") == "True",
+                       rank=json.loads(metadata.get("ranks", "[]")) or None)
+    model = merge(_import(metadata["builder"])(**json.loads(metadata["builder_kwargs"])))
+    conversion = json.loads(metadata["conversion"])
+    if conversion:
+        model, _ = convert(model, from_weights=False, **conversion)
+    return model
 
 
 def _builder(metadata: dict):

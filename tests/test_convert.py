@@ -6,7 +6,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import copy
+
 from dlrt import DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers, merge
+from dlrt.conversion import check_not_merged
 from dlrt.metrics import dense_reference, weight_shapes
 from dlrt.experiments.models import build_model
 
@@ -40,6 +43,39 @@ def test_convert_then_merge_gives_the_same_outputs():
     merged = merge(converted)
     assert not low_rank_layers(merged)
     torch.testing.assert_close(merged(x), y, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_works_in_place_and_returns_the_model():
+    model = nn.Sequential(LowRankLinear(8, 6, 2), nn.ReLU(), nn.Linear(6, 2))
+    assert merge(model) is model and type(model[0]) is nn.Linear
+    layer = LowRankLinear(8, 6, 2)  # a model that is one low-rank layer cannot change class in place
+    x = torch.randn(3, 8)
+    merged = merge(layer)
+    assert type(merged) is nn.Linear and not merged._modules
+    torch.testing.assert_close(merged(x), layer(x))
+    converted, _ = convert(nn.Linear(8, 6), keep_classifier=False)
+    assert type(converted) is LowRankLinear
+
+
+def test_an_optimizer_whose_layers_were_merged_is_told():
+    model = nn.Sequential(LowRankLinear(8, 6, 2), nn.ReLU(), LowRankLinear(6, 4, 2), nn.ReLU(), nn.Linear(4, 2))
+    opt = DLRTOptimizer(model, lr=0.1)
+    merge(copy.deepcopy(model))  # merging a copy leaves this model and its optimizer as they are
+    check_not_merged(opt.layers)
+    merge(model)
+    with pytest.raises(RuntimeError, match=r"2 of this optimizer's 2 low-rank layers were replaced by dense ones "
+                                           r"\(dlrt.merge\).*train the merged model with a new optimizer"):
+        check_not_merged(opt.layers)
+
+
+def test_ranks_given_by_name():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    model, report = convert(net, rank={"0": 3, "2": 2})
+    assert [(e.name, e.rank) for e in report.entries] == [("0", 3), ("2", 2), ("4", None)]
+    with pytest.raises(ValueError, match=r"the rank dict names layers that are not converted \(4\)"):
+        convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), rank={"0": 3, "4": 2})
+    with pytest.raises(ValueError, match="the rank dict gives no rank for 1: add it, or leave it out with exclude"):
+        convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 2)), rank={"0": 3})
 
 
 def test_full_rank_conversion_is_exact():
