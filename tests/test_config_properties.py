@@ -1,5 +1,12 @@
 """Property-based: whatever values a user gives the keys, checking the config either accepts it or says why in one
-line (ConfigError, or Hydra's and OmegaConf's own errors that dlrt-run puts on one line), never a traceback."""
+line (ConfigError, or Hydra's and OmegaConf's own errors that dlrt-run puts on one line), never a traceback; and a
+config that is accepted trains (or fails as a run, exit 1) without a traceback."""
+
+import contextlib
+import dataclasses
+import io
+import sys
+import tempfile
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -8,18 +15,44 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
+from dlrt.experiments import cli, schema
 from dlrt.experiments.cli import CONFIG_DIR, _composition_message, register
 from dlrt.experiments.validate import ConfigError, validate
 
-KEYS = ["tau", "seed", "epochs", "batch_size", "lr", "threads", "eval_batch_size", "flush_denormal", "selection",
-        "svd_on", "precision", "scheduler.name", "scheduler.factor", "scheduler.patience", "finetune.epochs",
-        "finetune.method", "model.rank", "model.init", "model.spectrum", "method.r_min", "method.r_max",
-        "method.state_policy", "method.absolute_tau", "optim.momentum", "data.subset", "data.n_train", "data.n_val",
-        "data.num_classes", "data.input_shape", "data.noise", "foo", "model.width"]
-VALUES = st.one_of(st.integers(-3, 600), st.floats(-2, 3, allow_subnormal=False), st.sampled_from([float("nan"), float("inf")]), st.booleans(), st.none(),
-                   st.sampled_from(["abc", "", "svd", "authors", "pow2", "final", "host", "nope", "[1,8,8]",
-                                    "[3,32,32]", "[10,20,30]", "1e30", "inf", "nan", "null", "[2,0]"]),
+
+def schema_keys() -> list[str]:
+    """Every key of dlrt-run: the top level's and those of every group option's schema."""
+    def keys(node, prefix=""):
+        for f in dataclasses.fields(node):
+            if f.name in ("model", "data", "method", "optim"):
+                continue
+            kind = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(kind):
+                yield from keys(kind, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+    groups = [("model", schema.FCModelSchema), ("data", schema.SyntheticDataSchema),
+              ("data", schema.ArrayDataSchema), ("data", schema.ImageDataSchema),
+              ("method", schema.AdaptiveMethodSchema), ("optim", schema.SGDSchema), ("optim", schema.AdamSchema)]
+    found = list(keys(schema.RunSchema))
+    found += [f"{group}.{f.name}" for group, node in groups for f in dataclasses.fields(node) if f.name != "name"]
+    return sorted(set(found))
+
+
+KEYS = schema_keys() + ["foo"]
+VALUES = st.one_of(st.integers(-3, 600), st.floats(-2, 3, allow_subnormal=False),
+                   st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e300, -1e300, 3.5e38, 1e-300]),
+                   st.sampled_from([2**63, 2**64 + 1, 2**62, -(2**63) - 1, 10**12]),
+                   st.booleans(), st.none(),
+                   st.sampled_from(["abc", "", "''", "svd", "authors", "pow2", "final", "host", "nope", "[1,8,8]",
+                                    "[3,32,32]", "[10,20,30]", "1e30", "inf", "-inf", "nan", "null", "[2,0]",
+                                    "x" * 300, "a/" * 3, "/", "/dev/null", "[nan,inf]", "[1,1e9,1e9]"]),
                    st.lists(st.integers(-1, 40), max_size=4))
+
+
+def test_the_keys_are_every_key_of_the_schema():
+    assert {"tau", "lr", "out_dir", "data.root", "optim.eps", "optim.betas", "method.r_max", "finetune.epochs",
+            "scheduler.factor", "model.width", "data.workers", "data.input_shape"} <= set(KEYS)
 
 
 def as_override(key, value) -> str:
@@ -34,12 +67,18 @@ def as_override(key, value) -> str:
     return f"{key}={text}"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["mnist", "synthetic"]), st.sampled_from(["lenet5", "fc"]),
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["mnist", "synthetic", "cifar10"]), st.sampled_from(["lenet5", "fc"]),
        st.sampled_from(["adaptive", "fixed", "dense", "vanilla"]), st.lists(st.tuples(st.sampled_from(KEYS), VALUES),
                                                                           max_size=3))
 @example("synthetic", "fc", "adaptive", [("model.width", -3)])  # found by this test: a traceback before
 @example("synthetic", "lenet5", "adaptive", [("data.noise", float("nan"))])  # found too: accepted
+@example("synthetic", "fc", "adaptive", [("model.width", 2**64 + 1)])  # an overflow inside torch before
+@example("synthetic", "lenet5", "adaptive", [("data.num_classes", 2**64 + 1)])  # the same
+@example("mnist", "lenet5", "adaptive", [("lr", float("inf"))])  # accepted before; an SVD traceback in training
+@example("mnist", "lenet5", "adaptive", [("lr", 1e300)])  # inf in float32: the same
+@example("mnist", "lenet5", "adaptive", [("out_dir", "")])  # accepted before: the run folder went to /
+@example("mnist", "lenet5", "adaptive", [("out_dir", "x" * 300)])  # a name no file system takes
 def test_any_values_are_accepted_or_refused_in_one_line(data, model, method, pairs):
     register()
     overrides = [f"data={data}", f"model={model}", f"method={method}", "data.subset=null" if data == "mnist" else "seed=0"]
@@ -52,3 +91,39 @@ def test_any_values_are_accepted_or_refused_in_one_line(data, model, method, pai
         assert "\n" not in str(e)
     except (HydraException, OmegaConfBaseException) as e:
         assert "\n" not in _composition_message(e)
+
+
+def dlrt_run(args: list[str]) -> tuple[int, str]:
+    """dlrt-run in this process: its exit code and stderr (a traceback escapes as the exception itself)."""
+    err, argv = io.StringIO(), sys.argv
+    sys.argv = ["dlrt-run", *args]
+    try:
+        with contextlib.redirect_stderr(err):
+            cli.run()
+        return 0, err.getvalue()
+    except SystemExit as e:
+        return e.code, err.getvalue()
+    finally:
+        sys.argv = argv
+
+
+# Keys whose values decide what a tiny run computes; sizes and epochs stay tiny (they are the first test's).
+RUN_KEYS = [k for k in KEYS if k not in ("epochs", "finetune.epochs", "data.n_train", "data.n_val", "data.n_test",
+                                         "data.input_shape", "batch_size", "eval_batch_size", "data.subset",
+                                         "model.width", "out_dir", "data.root", "threads", "device", "progress")]
+TINY = ["data=synthetic", "data.n_train=64", "data.n_val=16", "data.n_test=16", "batch_size=32", "epochs=1",
+        "progress=false", "threads=1", "model=fc", "model.width=16", "finetune.epochs=1"]
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["adaptive", "parallel", "fixed", "dense", "vanilla"]),
+       st.lists(st.tuples(st.sampled_from(RUN_KEYS), VALUES), min_size=1, max_size=3))
+@example("adaptive", [("lr", 1e37)])  # finite, and the factors overflow in the step
+def test_an_accepted_config_trains_or_fails_in_one_line(method, pairs):
+    with tempfile.TemporaryDirectory() as out:
+        args = [*TINY, f"method={method}", *(as_override(k, v) for k, v in pairs), f"out_dir={out}"]
+        code, err = dlrt_run(args)
+    assert code in (0, 1, 2), err
+    if code:
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("dlrt-run: error:"), err

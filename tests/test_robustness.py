@@ -247,3 +247,55 @@ def test_a_run_resumed_where_its_fine_tuning_begins_ends_as_an_uninterrupted_one
     columns = ["phase", "train_loss", "val_loss", "test_acc", "ranks"]
     whole, split = (pd.read_csv(tmp_path / name / "epochs.csv")[columns] for name in ("whole", "split"))
     pd.testing.assert_frame_equal(split, whole)
+
+
+def test_export_of_an_unfinished_run_needs_force(finished_run, tmp_path, capsys):
+    import shutil
+
+    from dlrt.experiments.export import main
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "summary.json").unlink()
+    assert "has not finished" in export_error([unfinished], capsys)
+    assert main([str(unfinished), "--force"]) == 0
+    assert load_exported(unfinished / "model-factored.safetensors")
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The disk fills while the second epoch's checkpoint is written: one line names the file and the cause, no
+    temporary file is left, the first epoch's checkpoint is intact, and the same command later resumes from it."""
+    import errno
+
+    from test_cli import QUICK, run_in_process
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:  # the second epoch's checkpoint
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = [*QUICK, "epochs=3", "out_dir=runs"]
+    code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert "checkpoint.pt (No space left on device): the previous one is kept" in errors[0]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert not (run_dir / "summary.json").exists()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 0
+
+    monkeypatch.setattr(torch, "save", real_save)  # room again
+    code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0 and "resuming" in err, err
+    assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_out_dir_empty_is_refused_and_nothing_goes_to_the_root(tmp_path, monkeypatch, capsys):
+    from test_cli import QUICK, run_in_process
+
+    code, err = run_in_process([*QUICK, "out_dir="], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "out_dir is empty" in err and not list(Path("/").glob("lenet5-synthetic-*"))

@@ -28,7 +28,7 @@ EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 HELP = """dlrt-run: Dynamical Low-Rank Training (Schotthöfer et al., NeurIPS 2022) of the paper's networks. Each run
 trains into its own folder under out_dir (config.yaml, epochs.csv, summary.json, checkpoints); a finished run is
-skipped and an interrupted one resumes when the same command is run again. README.md explains every key.
+skipped and an interrupted one resumes when the same command is run again. docs/runner.md explains every key.
 
   dlrt-run model=lenet5 tau=0.15                  the paper's LeNet5 recipe at ϑ = 0.15
   dlrt-run -m experiment=lenet5_mnist             a published protocol with its sweep
@@ -153,7 +153,7 @@ def _composition_message(e: Exception) -> str:
         return f"unknown {group} {option!r}: choose one of {options}"
     if str(e).startswith("Could not override"):
         key = str(e).split("'")[1]
-        return f"unknown key {key!r}: dlrt-run has no such setting (dlrt-run --help and README.md list the keys)"
+        return f"unknown key {key!r}: dlrt-run has no such setting (dlrt-run --help and docs/runner.md list the keys)"
     causes = [e]
     while causes[-1].__cause__ is not None:
         causes.append(causes[-1].__cause__)

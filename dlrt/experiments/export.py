@@ -40,9 +40,10 @@ def export_run(run_dir: str | Path, fmt: str = "factored", out: str | Path | Non
         if not folder.file(name).exists():
             raise ExportError(f"{folder} is not a run folder with a trained model: {name} is missing")
     summary = folder.summary()
-    if summary is None or (summary["status"] != "completed" and not force):
+    if (summary is None or summary["status"] != "completed") and not force:
         state = "has not finished" if summary is None else f"failed ({summary.get('reason')})"
         raise ExportError(f"{folder} {state}: its best_model.pt is the best epoch so far; pass --force to export it")
+    summary = summary or {}  # an unfinished run's shapes come from its config
     cfg = OmegaConf.create(folder.config())
     input_shape, num_classes = input_spec(cfg.data)
     if summary.get("num_classes"):  # an image folder's class count, as the run found it

@@ -38,7 +38,8 @@ class RunFolderBusy(RunFolderError):
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) to a temporary name beside `path`, then rename it over `path`; the file gets the mode a new
-    file of this process would get (not 0600, as some writers leave temporary files)."""
+    file of this process would get (not 0600, as some writers leave temporary files). A write that fails (a full
+    disk, a folder that cannot be written) leaves `path` as it was and raises RunFolderError saying so."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -47,8 +48,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        raise RunFolderError(f"cannot write {path} ({e.strerror or e}): {kept}; make room or choose another "
+                             "folder, then run the same command again") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -138,7 +144,11 @@ class RunFolder:
     def save(self, name: str, obj) -> None:
         import torch
 
-        atomic_write(self.file(name), lambda tmp: torch.save(obj, tmp))
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError, not torch's RuntimeError
+                torch.save(obj, f)
+
+        atomic_write(self.file(name), write)
 
     def load(self, name: str, map_location=None, weights_only: bool = False):
         """A torch file of the folder; one that cannot be read is an error naming it and what to do."""

@@ -3,6 +3,7 @@ that names the key and says what to do. Nothing here makes a folder or reads a d
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from .schema import RunSchema, group_schema
 GROUPS = ("model", "data", "method", "optim")
 LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla", "vanilla_frozen_convs")
 METHODS = ("dense",) + LOW_RANK_METHODS
+FLOAT32_MAX = 3.4028234663852886e38  # a larger value becomes inf in the float32 arithmetic of training
+INT64_MAX = 2**63 - 1  # torch's sizes, seeds and counters
+MAX_EPOCHS = 1_000_000  # the trainer plans every epoch ahead: more is a typo, not a run
+DOCS = "docs/runner.md lists the keys"
 
 
 class ConfigError(ValueError):
@@ -23,6 +28,7 @@ class ConfigError(ValueError):
 def validate(cfg: DictConfig) -> None:
     """Refuse a config that cannot run, before anything is made or loaded."""
     check_keys(cfg)
+    _check_representable(cfg)
     _check_numbers(cfg)
     _check_combinations(cfg)
     _check_model(cfg)
@@ -41,7 +47,7 @@ def check_keys(cfg: DictConfig) -> None:
     top = set(cfg.keys()) - set(GROUPS) - {"hydra"}  # a sweep's job configs hold Hydra's node too
     unknown = sorted(top - set(RunSchema.__dataclass_fields__))
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}: dlrt-run has no such setting (README.md lists the keys)")
+        raise ConfigError(f"unknown key {unknown[0]!r}: dlrt-run has no such setting ({DOCS})")
     if cfg.method.get("name") not in METHODS:
         raise ConfigError(f"method.name={cfg.method.get('name')}: choose one of {', '.join(METHODS)}")
     for group in GROUPS:
@@ -55,6 +61,28 @@ def check_keys(cfg: DictConfig) -> None:
             OmegaConf.merge(schema, node)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{group}.{one_line(e)}") from None
+
+
+def _check_representable(cfg: DictConfig) -> None:
+    """Every number a float32 tensor or an int64 can hold: inf, nan, lr=1e300 (inf in float32) and integers past
+    int64 fail deep inside torch (an SVD that does not converge, an overflow while unpacking a size)."""
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ConfigError(f"{key}={value} is not a finite float32 number: give one of magnitude below 3.4e38")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise ConfigError(f"{key}={value} is larger than an int64 holds ({INT64_MAX})")
+
+
+def _leaves(tree, prefix: str = ""):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(tree, dict) else f"{prefix[:-1]}[{key}]"
+        if key == "hydra":
+            continue
+        if isinstance(value, (dict, list)):
+            yield from _leaves(value, f"{name}.")
+        else:
+            yield name, value
 
 
 def _at_least(cfg, key: str, low, allow_none: bool = False) -> None:
@@ -74,6 +102,12 @@ def _check_numbers(cfg: DictConfig) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         _at_least(cfg, key, 1)
     _at_least(cfg, "threads", 1, allow_none=True)
+    if cfg.threads is not None and cfg.threads > (os.cpu_count() or 1):
+        raise ConfigError(f"threads={cfg.threads} is more than the {os.cpu_count()} CPU(s) of this machine: more "
+                          "threads than cores only wait for each other")
+    if cfg.epochs + max(cfg.finetune.epochs, 0) > MAX_EPOCHS:
+        raise ConfigError(f"epochs={cfg.epochs} (+ finetune.epochs={cfg.finetune.epochs}) is more than "
+                          f"{MAX_EPOCHS} epochs in all")
     _at_least(cfg, "finetune.epochs", 0)
     _at_least(cfg, "scheduler.patience", 0)
     _at_least(cfg, "data.subset", 1, allow_none=True)
@@ -86,6 +120,8 @@ def _check_numbers(cfg: DictConfig) -> None:
         _at_least(cfg, "method.r_min", 1)
         if method.r_max is not None and method.r_max < method.r_min:
             raise ConfigError(f"method.r_max={method.r_max} is below method.r_min={method.r_min}")
+    if "basis_every" in method:
+        _at_least(cfg, "method.basis_every", 1)
     if optim.name == "sgd" and not 0 <= optim.momentum < 1:
         raise ConfigError(f"optim.momentum={optim.momentum} must be in [0, 1)")
     if optim.name == "adam":
@@ -148,14 +184,41 @@ def _check_model(cfg: DictConfig) -> None:
     try:
         input_shape, num_classes = input_spec(cfg.data)
         with torch.device("meta"):
-            make_model(cfg, input_shape, num_classes)
+            model = make_model(cfg, input_shape, num_classes)
     except (ModelError, DataError) as e:
         raise ConfigError(str(e)) from None
+    except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch refusing a size
+        raise ConfigError(f"the model cannot be built at these sizes ({one_line(e)[:150]}): "
+                          f"check model.width, data.input_shape and data.num_classes") from None
+    _check_memory(cfg, sum(p.numel() for p in model.parameters()), input_shape)
+
+
+def _check_memory(cfg: DictConfig, parameters: int, input_shape) -> None:
+    """The model's float32 parameters and a generated data set must fit the machine's memory, at the least."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    data = cfg.data
+    if data.name == "synthetic":
+        examples = data.n_train + data.n_val + data.n_test
+        needed = 4 * examples * math.prod(input_shape)
+        if needed > memory:
+            raise ConfigError(f"data.n_train, n_val, n_test and input_shape ask for {needed / 2**30:.0f} GiB of "
+                              f"generated data, more than this machine's {memory / 2**30:.0f} GiB")
+    if 4 * parameters > memory:
+        raise ConfigError(f"the model has {parameters:.3g} parameters ({4 * parameters / 2**30:.0f} GiB in float32), "
+                          f"more than this machine's {memory / 2**30:.0f} GiB: check model.width, model.rank and "
+                          "data.input_shape")
 
 
 def _check_paths(cfg: DictConfig) -> None:
     """out_dir must be a folder this process can write, or one it can make; an image data set's root must exist
     (a download goes only into an existing folder, so a mistyped root is not made)."""
+    for key in ("out_dir", "data.root"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{key} is empty: give a folder ('.' for this one)")
+        if value is not None and max(len(part.encode()) for part in Path(value).parts) > 255:
+            raise ConfigError(f"{key}={str(value)[:40]}...: a folder name longer than 255 bytes, which file systems "
+                              "refuse")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir} is a file, not a folder: choose another out_dir")
