@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch.profiler import record_function
 from . import integrators as ig
 from . import linalg
 from .distributed import all_reduce_mean
+from .groups import rule_key
 from .layers import _LowRankLayer
 from .update_rules import change_basis, lift_state, make_rule
 
@@ -56,9 +57,10 @@ class LayerStep:
 class StepPlan:
     """What the first half of a step hands to the second."""
 
-    steps: list[LayerStep]  # the layers that have gradients
+    steps: list[LayerStep]  # the layers at a basis step that have gradients
     checked_shortcuts: bool = False  # the CPU's self-checking QR and Gram-matrix SVD (dlrt.linalg)
     new_ranks: torch.Tensor | None = None  # one per step, where the SVDs were taken
+    coefficient_steps: list[LayerStep] = field(default_factory=list)  # layers of groups between basis steps
 
 
 # layerwise=None (DLRTOptimizer) takes a rank-changing CPU step one layer at a time when the factors U, V of all
@@ -83,17 +85,13 @@ def large_cpu_factors(layers: list[_LowRankLayer]) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rule_key(group: dict) -> tuple:
-    return group["optimizer"], group["momentum"], tuple(group["betas"]), group["eps"]
-
-
 def directions(entries: list[tuple[dict, torch.Tensor, dict]]) -> list[torch.Tensor]:
     """Update directions for (state, gradient, group) entries: the groups' update rules applied with torch's
     foreach kernels, one call for all entries of the same rule."""
     found: list[torch.Tensor | None] = [None] * len(entries)
     by_rule = defaultdict(list)
     for index, (_, _, group) in enumerate(entries):
-        by_rule[_rule_key(group)].append(index)
+        by_rule[rule_key(group)].append(index)
     for key, indices in by_rule.items():
         rule = make_rule(*key)
         with part("update_rule"):
@@ -160,7 +158,7 @@ class _RankAdaptive(Method):
         """New factors at the new ranks, and the states moved into the new bases."""
         for step, r1 in zip(plan.steps, new_ranks):
             layer, state, policy = step.layer, step.state, step.group["state_policy"]
-            rule = make_rule(*_rule_key(step.group))
+            rule = make_rule(*rule_key(step.group))
             r0 = layer.rank
             P, sigma, Qh = step.svd
             P1, Q1 = P[:, :r1], Qh[:r1].T
@@ -237,7 +235,7 @@ class Fixed(Method):
         qr = lambda X: linalg.tall_qr(X, checked=checked_shortcuts)
         for step, (dK, dL) in zip(steps, kl_directions(steps)):
             layer, state, policy = step.layer, step.state, step.group["state_policy"]
-            rule, lr = make_rule(*_rule_key(step.group)), step.group["lr"]
+            rule, lr = make_rule(*rule_key(step.group)), step.group["lr"]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             with part("qr"):
                 U1, S_tilde, V1, U_overlap, V_overlap = ig.fixed_rank_basis(

@@ -14,11 +14,16 @@ step is
     graph 2: at unchanged ranks, DLRTOptimizer.finish_step (factors copied into the same Parameters, the
              dense parameters stepped), and the optimizer states copied back into the tensors graph 1 reads
 
+A coefficient step (DLRTOptimizer(basis_every=k): the k-1 steps between two basis steps) has nothing for the
+host to decide: it is ONE graph, zero_grad to the dense parameters' step, with no eager part at all.
+
 When the ranks change, the second half runs eagerly (it makes new Parameters), the graphs are dropped, and
 the next step is taken eagerly once more (a warm-up) before graphs are captured for the new ranks. A graph
 keeps the Python numbers it was captured with, so everything of that kind that a step reads (ranks, learning
-rates, ϑ, rank bounds: `step_settings`) and the input shapes are the graphs' key. The first step
-at a new key is always eager, so a graph never captures lazily made state (momentum buffers, the bounds cache).
+rates, ϑ, rank bounds: `step_settings`) and the input shapes are the settings of the graphs held; at the same
+settings a basis step and a coefficient step are graphs of their own (`basis_steps`). The first step of each
+kind at new settings is always eager, so a graph never captures lazily made state (momentum buffers, the bounds
+cache); its new optimizer states are copied into the tensors that the other kind's graphs read.
 
 Backends: `CudaGraphs` (torch.cuda.CUDAGraph, warm-up on a side stream) and `ReplayGraphs`, a CPU stand-in
 that records the aten calls of a captured run and replays them on the same tensors, so that the tests can
@@ -34,7 +39,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .optim import LOW_RANK_KEYS, DLRTOptimizer
+from .optim import BASIS_CLOCK, LOW_RANK_KEYS, DLRTOptimizer, is_basis_step
 
 
 class GraphedStep:
@@ -43,7 +48,8 @@ class GraphedStep:
 
     loss and output are tensors that the next call overwrites (`.item()` them, or clone them). Inputs must
     keep their shape and dtype for graphs to be reused; a new shape is a new key. `check_loss(loss)`, if
-    given, is called before the factors change (a host sync): raise in it to stop a diverging run.
+    given, is called before the factors change (a host sync): raise in it to stop a diverging run. (A
+    coefficient step is one graph: there it is called after the step.)
 
     When a capture fails (an operation that cannot be captured), `on_failure="raise"` raises, and "eager"
     warns once and takes this and every later step eagerly, from the state as it was before the capture.
@@ -61,40 +67,50 @@ class GraphedStep:
         self.check_loss, self.on_failure = check_loss, on_failure
         self.graphs = graphs if graphs is not None else CudaGraphs()
         self.gave_up = False  # a capture failed with on_failure="eager": every step is eager from then on
-        self._graphed_key = None  # the key the two graphs were captured for
-        self._warmed_key = None  # the key an eager step ended at without changing ranks: ready to capture
-        self._first = self._second = self._plan = self._loss = self._output = None
-        self._svds = None  # the SVD results graph 2 was captured reading; later SVDs are copied into them
+        self._settings = None  # the settings and input shapes of the graphs held
+        self._captured: dict[tuple, _KeyGraphs] = {}  # at these settings, the graphs of each kind of step
+        self._warmed: set[tuple] = set()  # keys an eager step was taken at without changing ranks: ready to capture
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}  # steps by how graph 1's half was taken
-
-    def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        return step_settings(self.opt), x.shape, x.dtype, y.shape, y.dtype
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gave_up:
             return self._eager_step(x, y)
-        key = self._key(x, y)
-        if key == self._graphed_key:
-            self._x.copy_(x)
-            self._y.copy_(y)
-            self._first.replay()
+        settings = step_settings(self.opt), x.shape, x.dtype, y.shape, y.dtype
+        if settings != self._settings:  # graphs of other settings will not be replayed again: their memory goes
+            self._drop()
+            self._settings = settings
+        key = basis_steps(self.opt)  # a basis step and a coefficient step are graphs of their own
+        if key in self._captured:
+            graphs = self._captured[key]
+            graphs.x.copy_(x)
+            graphs.y.copy_(y)
+            graphs.first.replay()
             self.counts["replayed"] += 1
-            return self._finish()
-        if key == self._warmed_key:
+            return self._finish(graphs)
+        if key in self._warmed:
             self._check_shortcuts()
+            states = _state_tensors(self.opt)
             try:
-                self._capture_first(x, y, key)
+                graphs = self._capture_first(x, y, key)
             except RuntimeError as error:
-                _put(self.opt, self._states)  # the Python side of the capture is undone: eager from the start
+                _put(self.opt, states)  # the Python side of the capture is undone: eager from the start
                 self._give_up(error)
                 return self._eager_step(x, y)
             self.counts["captured"] += 1
-            return self._finish()
-        # A new key: one eager step first. It gives the states and gradients new tensors, which graphs captured
-        # before would not see: they are dropped.
-        self._drop()
+            return self._finish(graphs)
+        return self._warm_up(x, y, key)
+
+    def _warm_up(self, x, y, key) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new key: one eager step first. At unchanged ranks its new optimizer states are copied back into the
+        tensors the graphs of other keys read (a basis step and a coefficient step alternate); at new ranks (new
+        Parameters) every graph is dropped."""
+        parameters, states = _factor_ids(self.opt), _state_tensors(self.opt)
         result = self.graphs.warm_up(lambda: self._eager_step(x, y))
-        self._warmed_key = key if self._key(x, y) == key else None
+        if _factor_ids(self.opt) == parameters:
+            _copy_back(self.opt, states)
+            self._warmed.add(key)
+        else:
+            self._drop()
         return result
 
     def _eager_step(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,61 +131,72 @@ class GraphedStep:
                                "do: graphed steps run the GPU's path (on a CPU only for tests, with "
                                "DLRTOptimizer(..., checked_shortcuts=False))")
 
-    def _capture_first(self, x, y, key) -> None:
-        self._drop()
-        self._x, self._y = x.clone(), y.clone()
+    def _capture_first(self, x, y, key) -> _KeyGraphs:
+        """Graph 1 of a key; at a step where no group takes a basis step (a coefficient step) the whole step."""
+        graphs = _KeyGraphs(self.graphs.new_graph(shared_with=None))
+        graphs.x, graphs.y = x.clone(), y.clone()
         # the states as graph 1 reads them: graph 2 copies the new states back into these tensors
-        self._states = _state_tensors(self.opt)
-        self._first = self.graphs.new_graph(shared_with=None)
-        with self._first.capture(), torch.enable_grad():
+        graphs.states = _state_tensors(self.opt)
+        with graphs.first.capture(), torch.enable_grad():
             self.opt.zero_grad(set_to_none=False)  # gradients stay where graph 1 accumulates them
-            output = self.model(self._x)
-            loss = self.loss_fn(output, self._y)
+            output = self.model(graphs.x)
+            loss = self.loss_fn(output, graphs.y)
             loss.backward()
-            self._plan = self.opt.prepare_cores()
-        self._states_between = _state_tensors(self.opt)  # as graph 1 leaves them (the S states lifted to 2r)
-        self._loss, self._output = loss.detach(), output.detach()
+            graphs.plan = self.opt.prepare_cores()
+            if not graphs.plan.steps:  # nothing for the host to decide: the step's second half joins the graph
+                self.opt.finish_step(graphs.plan, None)
+                graphs.whole_step = True
+        graphs.states_between = _state_tensors(self.opt)  # as graph 1 leaves them (the S states lifted to 2r)
+        graphs.loss, graphs.output = loss.detach(), output.detach()
         if not self.graphs.runs_during_capture:
-            self._first.replay()
-        self._graphed_key = key
+            graphs.first.replay()
+        self._captured[key] = graphs
+        return graphs
 
-    def _finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish(self, graphs: _KeyGraphs) -> tuple[torch.Tensor, torch.Tensor]:
         """The host's decision, then graph 2 (captured at its first use) or, at new ranks, the eager half."""
         if self.check_loss is not None:
-            self.check_loss(self._loss)
-        plan = self._plan
+            self.check_loss(graphs.loss)
+        if graphs.whole_step:
+            self.opt.schedule_next_step()
+            return graphs.loss, graphs.output
+        plan = graphs.plan
         self.opt.decide_ranks(plan)
-        if self._svds is not None:  # graph 2 reads the SVDs from where they were at its capture
-            for step, static in zip(plan.steps, self._svds):
+        if graphs.svds is not None:  # graph 2 reads the SVDs from where they were at its capture
+            for step, static in zip(plan.steps, graphs.svds):
                 for into, fresh in zip(static, step.svd):
                     into.copy_(fresh)
                 step.svd = static
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         old_ranks = [step.layer.rank for step in plan.steps]
         if new_ranks is not None and new_ranks != old_ranks:
-            _put(self.opt, self._states_between)  # after a replay the dict holds the states graph 1 reads
-            self.opt.finish_step(plan, new_ranks)  # new Parameters: these graphs are done
-            result = self._loss.clone(), self._output.clone()
+            _put(self.opt, graphs.states_between)  # after a replay the dict holds the states graph 1 reads
+            self.opt.finish_step(plan, new_ranks)  # new Parameters: every graph is done
+            self.opt.schedule_next_step()
+            result = graphs.loss.clone(), graphs.output.clone()
             self._drop()
             return result
-        if self._second is not None:
-            self._second.replay()
-            return self._loss, self._output
-        self._second = self.graphs.new_graph(shared_with=self._first)
-        self._svds = [step.svd for step in plan.steps] if plan.new_ranks is not None else None
+        if graphs.second is not None:
+            graphs.second.replay()
+            self.opt.schedule_next_step()
+            return graphs.loss, graphs.output
+        graphs.second = self.graphs.new_graph(shared_with=graphs.first)
+        graphs.svds = [step.svd for step in plan.steps] if plan.new_ranks is not None else None
         try:
-            with self._second.capture():
+            with graphs.second.capture():
                 self.opt.finish_step(plan, new_ranks)
-                _copy_back(self.opt, self._states)
+                _copy_back(self.opt, graphs.states)
         except RuntimeError as error:
-            _put(self.opt, self._states_between)  # graph 1 has run: its second half, eagerly
-            result = self._loss.clone(), self._output.clone()
+            _put(self.opt, graphs.states_between)  # graph 1 has run: its second half, eagerly
+            result = graphs.loss.clone(), graphs.output.clone()
             self._give_up(error)
             self.opt.finish_step(plan, new_ranks)
+            self.opt.schedule_next_step()
             return result
         if not self.graphs.runs_during_capture:
-            self._second.replay()
-        return self._loss, self._output
+            graphs.second.replay()
+        self.opt.schedule_next_step()
+        return graphs.loss, graphs.output
 
     def _give_up(self, error: RuntimeError) -> None:
         self._drop()
@@ -180,8 +207,20 @@ class GraphedStep:
                       f"({type(error).__name__}: {str(error).splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
 
     def _drop(self) -> None:
-        self._graphed_key = self._warmed_key = None
-        self._first = self._second = self._plan = self._svds = None
+        self._settings = None
+        self._captured.clear()
+        self._warmed.clear()
+
+
+class _KeyGraphs:
+    """The graphs of one key, in a memory pool of their own, and what they read and write."""
+
+    def __init__(self, first):
+        self.first, self.second = first, None
+        self.whole_step = False  # graph 1 holds the whole step (a coefficient step)
+        self.x = self.y = self.plan = self.loss = self.output = None
+        self.states = self.states_between = None
+        self.svds = None  # the SVD results graph 2 was captured reading; later SVDs are copied into them
 
 
 def step_settings(opt: DLRTOptimizer) -> tuple:
@@ -189,9 +228,19 @@ def step_settings(opt: DLRTOptimizer) -> tuple:
     ϑ, rank bounds, the update rule's). A graph keeps the numbers it was captured with, so it is captured anew
     whenever this changes."""
     plain = (int, float, bool, str, tuple, type(None))
-    groups = tuple(tuple(sorted((k, v) for k, v in group.items() if k not in LOW_RANK_KEYS and isinstance(v, plain)))
+    skipped = LOW_RANK_KEYS + (BASIS_CLOCK,)  # the clock: basis_steps says what of it a step reads
+    groups = tuple(tuple(sorted((k, v) for k, v in group.items() if k not in skipped and isinstance(v, plain)))
                    + (len(group.get("layers", ())),) for group in opt.param_groups)
     return opt.method, tuple(opt.ranks()), groups
+
+
+def basis_steps(opt: DLRTOptimizer) -> tuple[bool, ...]:
+    """Which low-rank groups take a basis step next (the others a coefficient step)."""
+    return tuple(map(is_basis_step, opt.low_rank_groups))
+
+
+def _factor_ids(opt: DLRTOptimizer) -> list[int]:
+    return [id(p) for layer in opt.layers for p in (layer.U, layer.S, layer.V)]
 
 
 def _state_tensors(opt: DLRTOptimizer) -> dict:

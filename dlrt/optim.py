@@ -50,7 +50,8 @@ from torch import nn
 from . import functional as fns
 from . import linalg
 from .distributed import all_reduce_mean, broadcast_buffers, world_size
-from .groups import bounds, check_hyperparameters, factors, layers_of, groups_of, make_dense_optimizer
+from .groups import (bounds, check_hyperparameters, factors, groups_of, layers_of, make_defaults,
+                     make_dense_optimizer, rule_key)
 from .layers import StepInputs, _LowRankLayer
 from .update_rules import make_rule
 
@@ -61,6 +62,23 @@ SVD_PLACES = ("auto", "device", "host")
 # (results/bench/gpu/README.md).
 HOST_SVD_MAX_SIZE = 128
 LOW_RANK_KEYS = ("layers", "params")  # the keys of a low-rank group that are not hyperparameters
+# A low-rank group's count of the steps since its last basis step: bookkeeping, saved with the groups (so that a
+# resumed run continues its cycle) but no hyperparameter (dlrt.graphs keys its graphs on the step's kind instead).
+BASIS_CLOCK = "basis_clock"
+
+
+def check_basis_every(value, method: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"basis_every must be an integer >= 1 (1: a basis step every batch, the paper's), got {value!r}")
+    if value > 1 and not fns.METHODS[method].changes_ranks:
+        raise ValueError(f"basis_every={value} applies to the rank-adaptive methods (adaptive, parallel), not to "
+                         f"method={method!r}: leave it at 1")
+
+
+def is_basis_step(group: dict) -> bool:
+    """Whether the group's next step is a basis step (new directions, S-step at the augmented bases, truncation),
+    not a coefficient step (S and the dense parameters only)."""
+    return group[BASIS_CLOCK] % group["basis_every"] == 0
 
 
 class DLRTOptimizer(torch.optim.Optimizer):
@@ -78,6 +96,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         r_min: int = 2,
         r_max: int | None = None,
         state_policy: str = "project",
+        basis_every: int = 1,
         dense_optimizer: torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer] | None = None,
         svd_on: str = "auto",
         checked_shortcuts: bool | None = None,
@@ -92,9 +111,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.method, self._method = method, fns.METHODS[method]
         self.svd_on, self.checked_shortcuts, self.layerwise = svd_on, checked_shortcuts, layerwise
         self.world_size = world_size()
-        defaults = dict(lr=lr, tau=tau, absolute_tau=absolute_tau, r_min=r_min, r_max=r_max,
-                        state_policy=state_policy, optimizer=optimizer, momentum=momentum, betas=tuple(betas), eps=eps)
+        defaults = make_defaults(lr=lr, tau=tau, absolute_tau=absolute_tau, r_min=r_min, r_max=r_max,
+                                 state_policy=state_policy, optimizer=optimizer, momentum=momentum, betas=betas, eps=eps,
+                                 basis_every=basis_every)
         check_hyperparameters(defaults)
+        check_basis_every(defaults["basis_every"], method)
         groups, modules = groups_of(params)
         self._modules = modules
         self._layers: list[_LowRankLayer] = []  # in the order given, whatever groups they move between
@@ -134,10 +155,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         group["params"] = factors(group["layers"])
         for key, value in self.defaults.items():
             group.setdefault(key, value)
+        group.setdefault(BASIS_CLOCK, 0)
         check_hyperparameters(group)
-        for layer in group["layers"]:
-            layer.step_inputs = StepInputs() if self._method.records_step_inputs else None
+        check_basis_every(group["basis_every"], self.method)
         self.param_groups.insert(len(self.low_rank_groups), group)
+        self._ready_for_next_step(group)
         self._layers += group["layers"]
 
     @property
@@ -205,20 +227,38 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._method.passes == 2:
             self._two_pass_step(closure)
-            return loss
-        if self._steps_layer_by_layer():
+        elif self._steps_layer_by_layer():
             self._layer_by_layer_step()
-            return loss
-        plan = self.prepare_step()
-        with fns.part("rank_sync"):  # the step's one read of a device value on the host
-            new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
-        self.finish_step(plan, new_ranks)
+        else:
+            plan = self.prepare_step()
+            with fns.part("rank_sync"):  # the step's one read of a device value on the host
+                new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
+            self.finish_step(plan, new_ranks)
+        self.schedule_next_step()
         return loss
+
+    def schedule_next_step(self) -> None:
+        """Count the step in every group's basis cycle and ready its layers for their next step. `step` calls it;
+        dlrt.graphs calls it after a step replayed from a graph, which runs no Python."""
+        for group in self.low_rank_groups:
+            group[BASIS_CLOCK] = (group[BASIS_CLOCK] + 1) % group["basis_every"]
+            self._ready_for_next_step(group)
+
+    def _ready_for_next_step(self, group: dict) -> None:
+        """What the backward must give the group's next step: a basis step needs G V, G^T U (and, for `adaptive`, the
+        recorded x and dy); a coefficient step only U^T G V, so U and V are frozen for it (requires_grad=False) and
+        the backward skips their gradients, as for s_only."""
+        basis = is_basis_step(group)
+        for layer in group["layers"]:
+            layer.step_inputs = StepInputs() if basis and self._method.records_step_inputs else None
+            if group["basis_every"] > 1:
+                layer.U.requires_grad_(basis)
+                layer.V.requires_grad_(basis)
 
     def _steps_layer_by_layer(self) -> bool:
         """Whether a rank-adaptive step is taken one layer at a time (on a CPU, when the factors are large): the
         same results bit for bit with less memory (docs/performance.md); the factors' gradients are None after it."""
-        if not self._method.changes_ranks:
+        if not self._method.changes_ranks or not any(map(is_basis_step, self.low_rank_groups)):
             return False
         return self.layerwise if self.layerwise is not None else fns.large_cpu_factors(self.layers)
 
@@ -228,7 +268,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         # Smallest factors first: a layer's step makes temporaries in proportion to its factors, so the largest run
         # last, when the most recorded x and dy and gradients are freed (timing study, rank 640: 298 MiB, 324 with
         # its first layer, the smallest, last; VGG16: the convs' records go before the classifier's step).
-        steps = sorted(self._layer_steps(), key=lambda step: -fns.factor_numel(step.layer))
+        steps, coefficient_steps = self._layer_steps()
+        steps = sorted(steps, key=lambda step: -fns.factor_numel(step.layer))
         while steps:  # popped from the end, so that a finished layer's bases, core and SVD are freed with its plan
             plan = fns.StepPlan([steps.pop()], self.takes_checked_shortcuts())
             layer = plan.steps[0].layer
@@ -240,7 +281,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._method.finish(plan, plan.new_ranks.tolist())
             for factor in factors:
                 factor.grad = None
-        self.finish_step(fns.StepPlan([]), None)
+        self.finish_step(fns.StepPlan([], coefficient_steps=coefficient_steps), None)
 
     @torch.no_grad()
     def prepare_step(self) -> fns.StepPlan:
@@ -257,7 +298,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"method={self.method!r} takes a second pass inside step(closure): it has no prepare_step")
         self._refresh_factor_params()
         self._synchronise_workers()
-        plan = fns.StepPlan(self._layer_steps(), self.takes_checked_shortcuts())
+        steps, coefficient_steps = self._layer_steps()
+        plan = fns.StepPlan(steps, self.takes_checked_shortcuts(), coefficient_steps=coefficient_steps)
         if plan.steps:
             self._method.prepare(plan, self.world_size)
         return plan
@@ -275,9 +317,10 @@ class DLRTOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def finish_step(self, plan: fns.StepPlan, new_ranks: list[int] | None) -> None:
         """The second half of a step: the factors at `new_ranks` (one per layer step, from plan.new_ranks; None
-        for the methods that keep ranks), and the dense parameters."""
+        for the methods that keep ranks), the coefficient steps, and the dense parameters."""
         if plan.steps:
             self._method.finish(plan, new_ranks)
+        fns.s_steps(plan.coefficient_steps)
         with fns.part("dense_params_step"):
             self.dense_optimizer.step()
         for layer in self.layers:
@@ -291,7 +334,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
                                "so the closure must zero the gradients, recompute the loss and call backward()")
         self._refresh_factor_params()
         self._synchronise_workers()
-        steps = self._layer_steps()
+        steps, _ = self._layer_steps()  # basis_every is 1 for `fixed`: every step is a basis step
         if not steps and any(layer.U.requires_grad for layer in self.layers):
             raise RuntimeError(f"method={self.method!r}: no low-rank layer has a gradient after the closure; the "
                                "closure must compute the loss and call backward()")
@@ -311,18 +354,23 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self.dense_optimizer.step()
         self._refresh_factor_params()
 
-    def _layer_steps(self) -> list[fns.LayerStep]:
-        """A LayerStep for every layer that has a gradient (of U; of S for s_only), with its state."""
-        steps = []
+    def _layer_steps(self) -> tuple[list[fns.LayerStep], list[fns.LayerStep]]:
+        """LayerSteps, with their states, for the layers that have a gradient (of U at a basis step; of S at a
+        coefficient step and for s_only): those of groups at a basis step, and those of groups at a coefficient
+        step."""
+        basis, coefficient = [], []
         for group in self.low_rank_groups:
+            at_basis = is_basis_step(group)
             for layer in group["layers"]:
-                if (layer.S.grad if self.method == "s_only" else layer.U.grad) is not None:
-                    steps.append(fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group)))
-        return steps
+                grad = layer.U.grad if at_basis and self.method != "s_only" else layer.S.grad
+                if grad is not None:
+                    step = fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group))
+                    (basis if at_basis else coefficient).append(step)
+        return basis, coefficient
 
     def _state_of(self, layer: _LowRankLayer, group: dict) -> dict:
         """The layer's state, made (in its current bases) when it has none or the group's rule keeps other entries."""
-        rule = make_rule(group["optimizer"], group["momentum"], group["betas"], group["eps"])
+        rule = make_rule(*rule_key(group))
         state = self.state.get(layer)
         if not state or set(state["S"]) != set(rule.state_keys):
             # K and L states have the shapes of U and V (n x r, m x r), the S state that of S
@@ -399,6 +447,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.dense_optimizer.load_state_dict(state_dict["dense"])
         # new group dicts on both sides: the list schedulers read is made of the dicts the steps now use
         self.param_groups = groups + self.dense_optimizer.param_groups
+        for group in groups:
+            for key, value in self.defaults.items():  # a state saved before a hyperparameter existed
+                group.setdefault(key, value)
+            group.setdefault(BASIS_CLOCK, 0)
+            self._ready_for_next_step(group)
 
     def _upgraded(self, old: dict) -> dict:
         group = {key: value for key, value in self.low_rank_groups[0].items() if key not in LOW_RANK_KEYS}

@@ -143,6 +143,7 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
         momentum=rule.get("momentum", 0.0), betas=tuple(rule.get("betas", (0.9, 0.999))), eps=rule.get("eps", 1e-8),
         absolute_tau=group.get("absolute_tau", False), r_min=group.get("r_min", 2), r_max=group.get("r_max"),
         state_policy=group.get("state_policy", "project"), svd_on=cfg.svd_on,
+        basis_every=group.get("basis_every", 1) if method == group.name else 1,  # a fine-tuning phase: every step
         checked_shortcuts=False if cfg.cuda_graphs else None,  # a graph cannot hold their host-side checks
     )
 

@@ -137,6 +137,7 @@ class AdaptiveMethodSchema(FixedMethodSchema):  # adaptive, parallel
     absolute_tau: bool = False
     r_min: int = 2
     r_max: Optional[int] = None  # null: ⌊min(n,m)/2⌋ per layer
+    basis_every: int = 1  # a basis step every k-th batch, coefficient (S-only) steps between
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Basis updates every k batches (basis_every=k): a basis step (the paper's rank-adaptive step) on every k-th batch of a
+group, coefficient steps (S and the dense parameters only) between."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlrt import DLRTOptimizer, low_rank_layers
+from dlrt.graphs import GraphedStep, ReplayGraphs
+
+from helpers import batch_for, pin_ranks, seeded, small_cnn, small_mlp
+
+
+def train_step(model, opt, x, y) -> float:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(basis_every=0), "basis_every must be an integer >= 1"),
+    (dict(basis_every=2.5), "basis_every must be an integer >= 1"),
+    (dict(basis_every=True), "basis_every must be an integer >= 1"),
+    (dict(basis_every=2, method="fixed"), "applies to the rank-adaptive methods"),
+    (dict(basis_every=2, method="vanilla"), "applies to the rank-adaptive methods"),
+    (dict(basis_every=2, method="s_only"), "applies to the rank-adaptive methods"),
+])
+def test_basis_every_is_refused_where_it_makes_no_sense(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DLRTOptimizer(seeded(small_mlp), lr=0.1, **kwargs)
+    opt = DLRTOptimizer(seeded(small_mlp), lr=0.1, method=kwargs.get("method", "adaptive"))
+    with pytest.raises(ValueError, match=message):  # a group of its own is checked as the defaults are
+        opt.add_param_group({"layers": seeded(small_mlp), "basis_every": kwargs["basis_every"]})
+
+
+@pytest.mark.parametrize("method", ["adaptive", "parallel"])
+def test_a_cycle_is_one_basis_step_then_coefficient_steps(method):
+    """Steps 0, 3, 6 are basis steps (the ranks may change, U and V move); the others move S and the dense
+    parameters only, in a backward that neither computes G V and G^T U nor records x and dy."""
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.5, tau=0.1, method=method, basis_every=3)
+    layers = low_rank_layers(model)
+    for n in range(7):
+        x, y = batch_for(model, seed=n)
+        before = [(layer.U.detach().clone(), layer.V.detach().clone(), layer.S.detach().clone()) for layer in layers]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        basis = n % 3 == 0
+        for layer in layers:
+            assert (layer.U.grad is not None) == basis and (layer.V.grad is not None) == basis
+            assert (layer.step_inputs is not None and len(layer.step_inputs.records) > 0) == (basis and method == "adaptive")
+            assert layer.S.grad is not None
+        opt.step()
+        for layer, (U, V, S) in zip(layers, before):
+            if basis:
+                assert U.shape != layer.U.shape or not torch.equal(U, layer.U)
+            else:
+                assert torch.equal(U, layer.U) and torch.equal(V, layer.V) and not torch.equal(S, layer.S)
+
+
+def test_a_coefficient_step_is_the_plain_s_step_of_the_same_point():
+    """After the basis step, S1 = S0 - lr U^T G V with G = dL/dW of a dense twin at the same weights; the dense
+    parameters take a plain SGD step."""
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.3, tau=0.1, basis_every=4)
+    train_step(model, opt, *batch_for(model, seed=0))  # the basis step
+    x, y = batch_for(model, seed=1)
+    layers = low_rank_layers(model)
+    weights = [layer.dense_matrix().detach().clone().requires_grad_() for layer in layers]
+    dense_model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+    with torch.no_grad():
+        for index, low_rank, weight in zip((0, 2), layers, weights):
+            dense_model[index].weight.copy_(weight)
+            dense_model[index].bias.copy_(low_rank.bias)
+        dense_model[4].load_state_dict(model[4].state_dict())
+    F.cross_entropy(dense_model(x), y).backward()
+    expected_S = [layer.S.detach() - 0.3 * layer.U.detach().T @ dense_layer.weight.grad @ layer.V.detach()
+                  for layer, dense_layer in zip(layers, (dense_model[0], dense_model[2]))]
+    expected_last = model[4].weight.detach() - 0.3 * dense_model[4].weight.grad
+    ranks = opt.ranks()
+    train_step(model, opt, x, y)
+    assert opt.ranks() == ranks
+    for layer, S in zip(layers, expected_S):
+        torch.testing.assert_close(layer.S.detach(), S)
+    torch.testing.assert_close(model[4].weight.detach(), expected_last)
+
+
+@pytest.mark.parametrize("factory", [small_mlp, small_cnn], ids=["linear", "conv"])
+def test_basis_every_one_is_the_step_without_it_bit_for_bit(factory):
+    model = seeded(factory)
+    runs = []
+    for kwargs in ({}, {"basis_every": 1}):
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, lr=1.0, tau=0.1, optimizer="adam", **kwargs)
+        for n in range(5):
+            train_step(copy_, opt, *batch_for(copy_, seed=n))
+        runs.append(snapshot(copy_))
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_run_resumed_in_the_middle_of_a_cycle_continues_bit_identically(optimizer):
+    model = seeded(small_cnn)
+    batches = [batch_for(model, seed=n) for n in range(9)]
+    make = lambda m: DLRTOptimizer(m, lr=0.05 if optimizer == "sgd" else 1e-2, tau=0.1, optimizer=optimizer,
+                                   momentum=0.9, basis_every=4)
+    straight = copy.deepcopy(model)
+    opt = make(straight)
+    for n, batch in enumerate(batches):
+        train_step(straight, opt, *batch)
+        if n == 5:  # two steps into the second cycle
+            saved = copy.deepcopy((straight.state_dict(), opt.state_dict()))
+    resumed = copy.deepcopy(model)
+    opt = make(resumed)
+    resumed.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    assert opt.param_groups[0]["basis_clock"] == 2
+    for batch in batches[6:]:
+        train_step(resumed, opt, *batch)
+    assert all(torch.equal(p, q) for p, q in zip(snapshot(straight), snapshot(resumed)))
+
+
+def test_groups_keep_their_own_cycles():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer([{"params": model[0], "basis_every": 2}, {"params": model[2:]}], lr=0.5, tau=0.1)
+    first, second = low_rank_layers(model)
+    for n in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(batch_for(model, seed=n)[0]), batch_for(model, seed=n)[1]).backward()
+        assert (first.U.grad is not None) == (n % 2 == 0)
+        assert second.U.grad is not None
+        opt.step()
+
+
+@pytest.mark.parametrize("method,optimizer,tau,grow_ranks_at", [
+    ("adaptive", "sgd", 0.2, None), ("adaptive", "adam", 0.2, None), ("adaptive", "sgd", 0.0, 4),
+    ("parallel", "adam", 0.2, None),
+])
+def test_graphed_cycles_train_exactly_like_eager_ones(method, optimizer, tau, grow_ranks_at):
+    """A coefficient step is one graph that holds the whole step: the replay stand-in refuses anything a CUDA graph
+    cannot hold (a host read, an SVD), so capturing it proves there is none."""
+    model = seeded(small_mlp)
+    batches = [batch_for(model, seed=s) for s in [0, 1, 2, 3] * 4]
+    kwargs = dict(lr=0.05 if optimizer == "sgd" else 1e-2, tau=tau, method=method, optimizer=optimizer, momentum=0.9,
+                  basis_every=3, checked_shortcuts=False)
+    runs = {}
+    for graphed in (False, True):
+        copy_ = copy.deepcopy(model)
+        opt = DLRTOptimizer(copy_, **kwargs)
+        pin_ranks(opt, opt.ranks(), opt.ranks())
+        step = GraphedStep(copy_, opt, F.cross_entropy, graphs=ReplayGraphs()) if graphed else None
+        losses = []
+        for n, (x, y) in enumerate(batches):
+            if n == grow_ranks_at:
+                pin_ranks(opt, opt.ranks(), [r + 1 for r in opt.ranks()])
+            losses.append(step(x, y)[0].item() if graphed else train_step(copy_, opt, x, y))
+        runs[graphed] = (snapshot(copy_), losses, opt.ranks())
+        if graphed:
+            whole = [graphs for graphs in step._captured.values() if graphs.whole_step]
+            assert len(whole) == 1 and step.counts["replayed"] >= (8 if grow_ranks_at is None else 4)
+    torch.testing.assert_close(runs[True][1], runs[False][1])
+    assert runs[True][2] == runs[False][2]
+    for p, q in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(p, q)
