@@ -39,15 +39,53 @@ from dlrt.report.runs import mean_std
 
 ADAPTIVE_FILES = ["models_folder/Lenet5.py", "optimizer_KLS/__init__.py", "optimizer_KLS/my_conv.py",
                   "optimizer_KLS/Linear_layer_lr_new.py", "optimizer_KLS/dlrt_optimizer.py"]
+FIXES = ("rotation", "tail")  # the defects of their truncation that `--fix` can fix
 THEIR_RESULTS = "Lenet_experiment/results_Lenet5/_running_data_{tau:g}_{run}.csv"  # 5 runs per ϑ, epochs from 0
 BATCH, LR, EPOCHS = 128, 0.05, 20  # Lenet_experiment/run_lenet_mnist.py's defaults
 EVAL_CHUNK = 1000
 
 
-def adaptive_code(repo: str):
-    """Their rank-adaptive Lenet5 and dlr_opt (they import each other as packages from the repository's top)."""
+def adaptive_code(repo: str, fixes: tuple[str, ...] = ()):
+    """Their rank-adaptive Lenet5 and dlr_opt (they import each other as packages from the repository's top), the
+    optimizer with the named defects of its truncation fixed (`fixed_truncation`)."""
     lenet5, optimizer = import_published(repo, ADAPTIVE_FILES, ["models_folder.Lenet5", "optimizer_KLS.dlrt_optimizer"])
-    return lenet5.Lenet5, optimizer.dlr_opt
+    dlr_opt = optimizer.dlr_opt
+    if fixes:
+        dlr_opt = type("dlr_opt_fixed", (dlr_opt,), {"S_postprocess_step": fixed_truncation(fixes)})
+    return lenet5.Lenet5, dlr_opt
+
+
+def fixed_truncation(fixes: tuple[str, ...]):
+    """Their S_postprocess_step (optimizer_KLS/dlrt_optimizer.py:193-226), line for line, with `fixes` applied:
+    "rotation": V1 = V̂ Q[:, :r1], the first columns of Q for S = P Σ Qᵀ, where theirs takes V̂ Qᵀ[:, :r1];
+    "tail": the smallest r1 whose tail (σ_{r1+1}, …, σ_2r) is ≤ ϑ‖σ‖, else 2r (PAPER.md §1), where theirs leaves
+    σ_2r out of every tail and keeps the old rank r when no cut qualifies."""
+    @torch.no_grad()
+    def S_postprocess_step(self):
+        for layer in self.NN.layer:
+            if not getattr(layer, "lr", False) or layer.fixed:
+                continue
+            size = 2 * layer.dynamic_rank
+            P, sigma, Qt = torch.linalg.svd(layer.S_hat[:size, :size].clone())
+            tolerance = self.theta * torch.linalg.norm(sigma)
+            if "tail" in fixes:
+                tails = sigma.flip(0).square().cumsum(0).flip(0).sqrt()  # tails[k] = ‖σ_{k+1..2r}‖
+                rank = next((k for k in range(size) if tails[k] <= tolerance), size)
+            else:
+                rank = next((j for j in range(size - 1) if torch.linalg.norm(sigma[j:size - 1]) < tolerance),
+                            layer.dynamic_rank)
+            rank = max(min(rank, layer.rmax), 2)
+            layer.S_hat[:rank, :rank] = torch.diag(sigma[:rank])
+            layer.U[:, :rank] = layer.U_hat[:, :size] @ P[:, :rank]
+            layer.V[:, :rank] = layer.V_hat[:, :size] @ (Qt[:rank].T if "rotation" in fixes else Qt[:, :rank])
+            layer.dynamic_rank = int(rank)
+
+    return S_postprocess_step
+
+
+def run_name(tau: float, seed: int | str, fixes: tuple[str, ...] = ()) -> str:
+    """The run's folder name; seed "" gives the prefix of every seed's."""
+    return f"lenet5-published-adaptive{''.join(f'-fix-{fix}' for fix in sorted(fixes))}-tau{tau:g}-seed{seed}"
 
 
 def published_commit(repo: str) -> str:
@@ -76,14 +114,14 @@ def selected(rows: list[dict]) -> dict:
 
 
 def train(args) -> None:
-    folder = RunFolder(Path(args.out) / f"lenet5-published-adaptive-tau{args.tau:g}-seed{args.seed}")
+    folder = RunFolder(Path(args.out) / run_name(args.tau, args.seed, args.fix))
     if (summary := folder.summary()) is not None:
         if summary["epochs"] < args.epochs:
             sys.exit(f"{folder} finished {summary['epochs']} epochs and kept no checkpoint: delete the folder to "
                      f"train {args.epochs}")
         print(f"{folder}: finished already (epoch {summary['selected_epoch']} selected)")
         return
-    Lenet5, dlr_opt = adaptive_code(args.repo)
+    Lenet5, dlr_opt = adaptive_code(args.repo, args.fix)
     data = load_data(args.data, root=args.data_root, split="paper", seed=args.seed, subset=args.subset)
     torch.manual_seed(args.seed)  # their initial factors are drawn from torch's global generator
     model = Lenet5(device="cpu")
@@ -131,7 +169,8 @@ def train(args) -> None:
             "status": "completed", "code": f"published: COMPiLELab/DLRT-Net at {published_commit(args.repo)}",
             "selected_epoch": best["epoch"], "selection": "minimum validation loss", "selected": best,
             "final": rows[-1], "model": "lenet5", "data": args.data, "split": "paper", "tau": args.tau,
-            "seed": args.seed, "epochs": len(rows), "max_steps_per_epoch": args.steps, "lr": LR, "batch_size": BATCH,
+            "seed": args.seed, "fixes": sorted(args.fix), "epochs": len(rows), "max_steps_per_epoch": args.steps,
+            "lr": LR, "batch_size": BATCH,
             "seconds_per_epoch": sum(row["epoch_time_s"] for row in rows) / len(rows),
             "device": f"CPU, {torch.get_num_threads()} thread(s)", "torch": torch.__version__,
             "code_version": CODE_VERSION, "command": " ".join(sys.argv)})
@@ -141,7 +180,7 @@ def train(args) -> None:
 
 def same_start(args) -> None:
     """Their model and dlrt's from the same factors, biases and classifier, on the same batches."""
-    Lenet5, dlr_opt = adaptive_code(args.repo)
+    Lenet5, dlr_opt = adaptive_code(args.repo, args.fix)
     data = load_data(args.data, root=args.data_root, split="paper", seed=args.seed, subset=args.subset)
     torch.manual_seed(args.seed)
     theirs = Lenet5(device="cpu")
@@ -223,7 +262,9 @@ def summary(args) -> None:
         sources = {
             "the paper's table": None,
             "the authors' result files": their_files_rows(args.repo, tau),
-            "their code here": folder_rows(args.published, f"lenet5-published-adaptive-tau{tau:g}-seed"),
+            "their code here": folder_rows(args.published, run_name(tau, "")),
+            **{f"their code, {' and '.join(fixes)} fixed": folder_rows(args.published, run_name(tau, "", fixes))
+               for fixes in (("rotation",), ("tail",), ("rotation", "tail"))},
             "dlrt, authors' init": folder_rows(args.dlrt, f"lenet5-mnist-adaptive-tau{tau:g}-seed"),
         }
         for label, rows in sources.items():
@@ -247,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--data-root", default="data")
         command.add_argument("--subset", type=int, default=None, help="keep the first N training images (checks)")
         command.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+        command.add_argument("--fix", nargs="+", default=(), choices=FIXES,
+                             help="run their optimizer with these defects fixed (fixed_truncation)")
     train_command = commands.choices["train"]
     train_command.add_argument("--out", default="results/diagnostics/lenet5_published_adaptive")
     train_command.add_argument("--epochs", type=int, default=EPOCHS)

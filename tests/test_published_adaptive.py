@@ -95,3 +95,58 @@ def test_summary_reads_the_authors_result_files_and_the_finished_mnist_runs(tmp_
     assert "| 0.4 | the authors' result files | 5 | 95.97 ± 0.95 | r0: 3 3 4; r1: 2 2 5; r2: 2 4 4;" in result.stdout
     assert "| 0.4 | their code here | 1 | 96.50 ± nan | s0: 3 4 5 |" in result.stdout
     assert "| 0.4 | dlrt, authors' init | 1 | 97.00 ± nan | s3: 3 3 4 |" in result.stdout
+
+
+def _script(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import published_adaptive as script
+
+    return script
+
+
+def test_their_truncation_copied_with_no_fix_takes_their_steps_exactly(monkeypatch):
+    """fixed_truncation(()) is their S_postprocess_step line for line: the fixes change only what they name."""
+    import torch
+
+    script = _script(monkeypatch)
+    Lenet5, dlr_opt = script.adaptive_code(REPO)
+    copied = type("copied", (dlr_opt,), {"S_postprocess_step": script.fixed_truncation(())})
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    models = []
+    for optimizer_class in (dlr_opt, copied):
+        torch.manual_seed(0)
+        model = Lenet5(device="cpu")
+        optimizer = optimizer_class(model, tau=0.05, theta=0.3, KLS_optim=torch.optim.SGD)
+        for _ in range(3):
+            script.their_step(model, optimizer, x, y)
+        models.append(model)
+    theirs, ours = models
+    assert script.their_ranks(theirs) == script.their_ranks(ours) != [10, 25, 250]  # ϑ = 0.3 cut them
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
+
+
+def test_the_rotation_fix_keeps_the_s_step_weight_where_theirs_moves_it(monkeypatch):
+    """At ϑ = 0 with the tail fixed nothing is cut, so U1 Σ V1ᵀ must be Û S V̂ᵀ: with V rotated by the columns of Q it
+    is; their rotation by the rows of Q moves it by about as much as the weight itself."""
+    import torch
+
+    script = _script(monkeypatch)
+    script.adaptive_code(REPO)
+    Linear = sys.modules["optimizer_KLS.Linear_layer_lr_new"].Linear
+    torch.manual_seed(0)
+    moved = {}
+    for fixes in (("rotation", "tail"), ("tail",)):
+        layer = Linear(40, 30, rank=15)  # r_max 15
+        layer.dynamic_rank = 3
+        with torch.no_grad():
+            layer.U_hat[:, :6] = torch.linalg.qr(torch.randn(30, 6))[0]
+            layer.V_hat[:, :6] = torch.linalg.qr(torch.randn(40, 6))[0]
+            layer.S_hat[:6, :6] = torch.randn(6, 6)
+            before = layer.U_hat[:, :6] @ layer.S_hat[:6, :6] @ layer.V_hat[:, :6].T
+        optimizer = type("optimizer", (), {"NN": type("net", (), {"layer": [layer]}), "theta": 0.0})
+        script.fixed_truncation(fixes)(optimizer)
+        assert layer.dynamic_rank == 6
+        after = layer.U[:, :6] @ layer.S_hat[:6, :6] @ layer.V[:, :6].T
+        moved[fixes] = float((after - before).norm() / before.norm())
+    assert moved["rotation", "tail"] < 1e-5
+    assert moved["tail",] > 0.5
