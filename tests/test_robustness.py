@@ -269,15 +269,18 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
 
     from test_cli import QUICK, run_in_process
 
-    real_save = torch.save
+    real_write = Path.write_bytes
+    checkpoints = []
 
-    def save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == 1:  # the second epoch's checkpoint
-            f.write(b"the first bytes")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+    def write_bytes(self, data):  # the file system's side: some bytes go in, then the disk is full
+        if "checkpoint.pt" in self.name:
+            checkpoints.append(self)
+            if len(checkpoints) == 2:  # the second epoch's
+                real_write(self, bytes(data)[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     args = [*QUICK, "epochs=3", "out_dir=runs"]
     code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
     errors = [line for line in err.splitlines() if "error" in line.lower()]
@@ -288,7 +291,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
     assert not (run_dir / "summary.json").exists()
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 0
 
-    monkeypatch.setattr(torch, "save", real_save)  # room again
+    monkeypatch.setattr(Path, "write_bytes", real_write)  # room again
     code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
     assert code == 0 and "resuming" in err, err
     assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1, 2, 3]

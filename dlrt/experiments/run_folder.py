@@ -144,11 +144,9 @@ class RunFolder:
     def save(self, name: str, obj) -> None:
         import torch
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError, not torch's RuntimeError
-                torch.save(obj, f)
-
-        atomic_write(self.file(name), write)
+        buffer = io.BytesIO()  # serialised first: torch's own writer reports a full disk as an unrelated RuntimeError
+        torch.save(obj, buffer)
+        atomic_write(self.file(name), lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
     def load(self, name: str, map_location=None, weights_only: bool = False):
         """A torch file of the folder; one that cannot be read is an error naming it and what to do."""
