@@ -70,3 +70,13 @@ def test_an_override_without_a_value_is_refused(runs, capsys):
     with pytest.raises(SystemExit):
         main(["--runs", str(runs), "--missing", "--override", "epochs"])
     assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_key_an_older_folder_lacks_counts_as_its_default(tmp_path, monkeypatch, capsys):
+    """A folder written before method.basis_every existed is a run at basis_every = 1: done for the sweep at the
+    default, missing for basis_every = 10 (it failed this way: the k = 10 study counted as done)."""
+    monkeypatch.setattr(missing, "SWEEPS", (Sweep("lenet5_mnist", {"method.basis_every": (1, 10)}, {"tau": 0.3}),))
+    write_folder(tmp_path, "lenet5-mnist-adaptive-tau0.3-seed0", ["experiment=lenet5_mnist", "tau=0.3"],
+                 {"status": "completed"}, drop=("method.basis_every",))
+    main(["--runs", str(tmp_path), "--missing"])
+    assert [line.split()[3] for line in capsys.readouterr().out.splitlines()] == ["method.basis_every=10"]

@@ -52,4 +52,5 @@ def test_the_seeds_issue_24_asks_for():
     assert protocols.UV_AUTHORS.grid["seed"] == tuple(range(10))
     assert protocols.UV_OURS.grid["seed"] == tuple(range(5))
     assert protocols.LENET5_DENSE.fixed == {"method": "dense", "tau": 0, "epochs": 10}
-    assert [sweep.experiment for sweep in SWEEPS][:3] == ["fc_mnist", "fc_mnist", "lenet5_mnist"]  # the FC tables first
+    # the short runs that finish their tables first, then the FC tables
+    assert SWEEPS[:4] == (protocols.LENET5_DENSE, protocols.LENET5_BASIS_EVERY, protocols.FC_DLRT, protocols.FC_DENSE)

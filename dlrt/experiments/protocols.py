@@ -225,14 +225,18 @@ FC_DENSE = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"method": "dense", "ta
 FC_AT_003 = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"tau": FC_TAUS[0]}, cost=(
     "its ranks stay near their cap (392 at width 784), about 290 s per epoch at width 784 on the 2-core CPU "
     "with one thread, some 28 hours for the 350 epochs"))
+# Basis updates every k batches (issue 26): the cost of k in accuracy at a small and a large ϑ (k = 1 is LENET5_DLRT)
+LENET5_BASIS_EVERY = Sweep("lenet5_mnist", {"method.basis_every": (10, 5, 30), "tau": (0.15, 0.4), "seed": (0, 1, 2)})
 UV_AUTHORS = Sweep("dlrt_vs_uv_authors", {"method": ("fixed", "vanilla_frozen_convs"),
                                           "model.spectrum": tuple(SPECTRUM_LABELS), "seed": SEEDS_UV_AUTHORS})
 UV_OURS = Sweep("dlrt_vs_uv", {"method": ("fixed", "vanilla"), "model.spectrum": tuple(SPECTRUM_LABELS),
                                "seed": SEEDS_UV_OURS})
 
-# Every table's runs, in the order they are run (issue 24): the FC tables, the dense LeNet5 row, the DLRT vs U V^T
-# studies, the LeNet5 rows, then FC at ϑ = 0.03, the costliest by far.
-SWEEPS = (FC_DLRT, FC_DENSE, LENET5_DENSE, UV_AUTHORS, UV_OURS, LENET5_DLRT, LENET5_SVD_INIT, FC_AT_003)
+# Every table's runs, in the order they are run: the dense LeNet5 row and the basis_every study first (15 minutes a
+# run on this CPU), then the FC tables (about 100 s per epoch at their starting ranks, 350 epochs), the DLRT vs U V^T
+# studies, the LeNet5 rows, and FC at ϑ = 0.03, the costliest by far.
+SWEEPS = (LENET5_DENSE, LENET5_BASIS_EVERY, FC_DLRT, FC_DENSE, UV_AUTHORS, UV_OURS, LENET5_DLRT, LENET5_SVD_INIT,
+          FC_AT_003)
 # experiment -> its table's protocol and the sweep that `dlrt-run -m experiment=<name>` runs (its yaml reads it)
 EXPERIMENTS = {"lenet5_mnist": (LENET5, LENET5_DLRT), "fc_mnist": (FC, FC_DLRT),
                "dlrt_vs_uv": (DLRT_VS_UV, UV_OURS), "dlrt_vs_uv_authors": (DLRT_VS_UV_AUTHORS, UV_AUTHORS)}

@@ -78,16 +78,23 @@ def _composed(groups: tuple[tuple[str, str], ...]) -> dict:
     return flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
-def expected_config(run: dict) -> dict:
-    """The run's resolved config, flattened: composed once per choice of config groups, the values set on top."""
+def expected_config(run: dict) -> tuple[dict, dict]:
+    """The run's resolved config, flattened (composed once per choice of config groups, the values set on top), and
+    the config of its groups alone (the defaults of the keys its values set)."""
     groups = tuple((key, _text(value)) for key, value in run.items() if _is_group(key))
     values = {key: value for key, value in run.items() if not _is_group(key)}
-    return {**_composed(groups), **values}
+    return {**_composed(groups), **values}, _composed(groups)
 
 
-def same_run(expected: dict, found: dict) -> bool:
-    shared = (expected.keys() & found.keys()) - set(NOT_IN_NAME)
-    return all(expected[key] == found[key] for key in shared)
+def same_run(expected: dict, found: dict, defaults: dict | None = None) -> bool:
+    """A key the folder lacks (written before the key existed) counts as its default: `defaults`, the config of
+    the run's groups without its values, says what that default is today."""
+    defaults = expected if defaults is None else defaults
+    for key in expected.keys() - set(NOT_IN_NAME):
+        recorded = found[key] if key in found else defaults.get(key, expected[key])
+        if expected[key] != recorded:
+            return False
+    return True
 
 
 def _folders(experiment_dir: Path) -> list[tuple[str, dict, dict | None]]:
@@ -110,8 +117,8 @@ def missing_commands(runs_dir: Path, runs: list[dict]) -> list[str]:
         experiment = run["experiment"]
         if experiment not in folders:
             folders[experiment] = _folders(Path(runs_dir) / experiment)
-        expected = expected_config(run)
-        summaries = [summary for _, config, summary in folders[experiment] if same_run(expected, config)]
+        expected, defaults = expected_config(run)
+        summaries = [summary for _, config, summary in folders[experiment] if same_run(expected, config, defaults)]
         if any(summary is not None and summary.get("status") == "completed" for summary in summaries):
             continue
         failed = [summary for summary in summaries if summary is not None]
