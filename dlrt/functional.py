@@ -51,6 +51,7 @@ class LayerStep:
     new_bases: tuple | None = None  # Ũ, Ṽ
     core: torch.Tensor | None = None  # the S-step at the augmented bases
     svd: tuple | None = None  # (P, σ, Qh) of the core
+    edit_scale: torch.Tensor | None = None  # how the gradients were rescaled since the backward (note_gradient_edits)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class StepPlan:
     checked_shortcuts: bool = False  # the CPU's self-checking QR and Gram-matrix SVD (dlrt.linalg)
     new_ranks: torch.Tensor | None = None  # one per step, where the SVDs were taken
     coefficient_steps: list[LayerStep] = field(default_factory=list)  # layers of groups between basis steps
+    edits_unhonoured: torch.Tensor | None = None  # whether a layer's S.grad was edited other than by a rescaling
 
 
 # layerwise=None (DLRTOptimizer) takes a rank-changing CPU step one layer at a time when the factors U, V of all
@@ -78,6 +80,26 @@ def large_cpu_factors(layers: list[_LowRankLayer]) -> bool:
     if not layers or layers[0].U.device.type != "cpu":
         return False
     return sum(map(factor_numel, layers)) * layers[0].U.element_size() > LAYERWISE_MIN_BYTES
+
+
+def note_gradient_edits(steps: list[LayerStep]) -> torch.Tensor | None:
+    """How each layer's gradients were rescaled since its backward (clip_grad_norm_, a GradScaler's unscale_), read
+    from S.grad against the S gradient the backward recorded, into step.edit_scale: the Ũ^T G Ṽ block, formed from
+    the recorded x and dy, is multiplied by it, so that the step honours the edit as the other blocks (formed from
+    U.grad, V.grad and S.grad) do. Returns whether any layer's S.grad is not a rescaling of the recorded one (a hook
+    that did something else), as one bool tensor that the optimizer reads on the host with the new ranks.
+    Data parallel: taken before the gradients are averaged, since each worker recorded its own x and dy."""
+    unhonoured = []
+    for step in steps:
+        inputs = step.layer.step_inputs
+        reference, grad = (inputs.reference_S if inputs is not None else None), step.layer.S.grad
+        if reference is None or grad is None:
+            continue
+        tiny = torch.finfo(grad.dtype).tiny
+        step.edit_scale = (grad * reference).sum() / (reference * reference).sum().clamp_min(tiny)
+        residual = (grad - step.edit_scale * reference).norm()
+        unhonoured.append(residual > 1e-3 * grad.norm() + tiny)
+    return torch.stack(unhonoured).any() if unhonoured else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +204,8 @@ class Adaptive(_RankAdaptive):
         blocks = []
         for s in steps:
             with part("project_gradient"):
-                blocks.append(s.layer.project_gradient(*s.new_bases))
+                block = s.layer.project_gradient(*s.new_bases)
+                blocks.append(block if s.edit_scale is None else block * s.edit_scale)
             s.layer.step_inputs.clear()  # x and dy are done with: freed before the cores are made (issue 18)
         if world_size > 1:
             all_reduce_mean(blocks)

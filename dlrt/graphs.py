@@ -168,6 +168,7 @@ class GraphedStep:
                     into.copy_(fresh)
                 step.svd = static
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
+        self.opt.warn_unhonoured_edits(plan.edits_unhonoured)
         old_ranks = [step.layer.rank for step in plan.steps]
         if new_ranks is not None and new_ranks != old_ranks:
             _put(self.opt, graphs.states_between)  # after a replay the dict holds the states graph 1 reads

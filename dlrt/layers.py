@@ -75,7 +75,9 @@ def _orthonormal_factors(weight: torch.Tensor, rank: int):
 
 
 class StepInputs:
-    """What a layer's backward records for project_gradient: (x, dy) of each backward pass of the current step.
+    """What a layer's backward records for project_gradient: (x, dy) of each backward pass of the current step, and
+    `reference_S`, the sum of the S gradients those backwards gave (U^T G V before anyone edited S.grad): comparing it
+    with S.grad at the step tells how the gradients were rescaled since (clipping, a GradScaler's unscale_).
 
     The records of a step start afresh in two ways, both explicit: `clear()` (DLRTOptimizer.zero_grad calls it),
     and a backward that finds the layer's U.grad None, i.e. after any zero_grad that set gradients to None
@@ -85,14 +87,19 @@ class StepInputs:
 
     def __init__(self):
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reference_S: torch.Tensor | None = None
 
-    def record(self, layer: "_LowRankLayer", x: torch.Tensor, dy: torch.Tensor) -> None:
+    def record(self, layer: "_LowRankLayer", x: torch.Tensor, dy: torch.Tensor, grad_S: torch.Tensor | None) -> None:
         if layer.U.grad is None:  # the gradients were set to None since the last backward: a new step
-            self.records.clear()
+            self.clear()
         self.records.append((x, dy))
+        if grad_S is not None:
+            grad_S = grad_S.detach().to(layer.S.dtype)
+            self.reference_S = grad_S.clone() if self.reference_S is None else self.reference_S + grad_S
 
     def clear(self) -> None:
         self.records.clear()
+        self.reference_S = None
 
 
 def _in_forward_precision(saved, dy):
@@ -216,7 +223,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
         grad_S = dz.T @ h if needs_S else None  # U^T G V
         grad_b = dy.sum(0) if ctx.has_bias else None
         if ctx.layer.step_inputs is not None:
-            ctx.layer.step_inputs.record(ctx.layer, x, dy)
+            ctx.layer.step_inputs.record(ctx.layer, x, dy, grad_S)
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 
@@ -299,7 +306,7 @@ class _LowRankConv2dFunction(torch.autograd.Function):
                                    layer.padding, layer.dilation).reshape(V.shape[1], -1).T  # G^T U
         grad_b = dy.sum((0, 2, 3)) if ctx.has_bias else None
         if layer.step_inputs is not None:
-            layer.step_inputs.record(layer, x, dy)
+            layer.step_inputs.record(layer, x, dy, grad_S)
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 

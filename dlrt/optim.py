@@ -41,6 +41,7 @@ DistributedDataParallel.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -233,6 +234,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             plan = self.prepare_step()
             with fns.part("rank_sync"):  # the step's one read of a device value on the host
                 new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
+            self.warn_unhonoured_edits(plan.edits_unhonoured)
             self.finish_step(plan, new_ranks)
         self.schedule_next_step()
         return loss
@@ -255,6 +257,17 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 layer.U.requires_grad_(basis)
                 layer.V.requires_grad_(basis)
 
+    def warn_unhonoured_edits(self, edits_unhonoured: torch.Tensor | None) -> None:
+        """Warn once when a layer's S.grad was edited other than by a uniform rescaling (note_gradient_edits)."""
+        if edits_unhonoured is None or self.__dict__.get("_warned_edits") or not bool(edits_unhonoured):
+            return
+        self._warned_edits = True
+        warnings.warn("DLRTOptimizer: the S gradient of a low-rank layer was changed since the backward other than by "
+                      "rescaling all of it (a gradient hook, clip_grad_value_?): its rank-adaptive step forms Ũ^T G Ṽ "
+                      "from the inputs the backward recorded, scaled by the best uniform factor, so that block of the "
+                      "step is approximate. Rescalings (clip_grad_norm_, GradScaler.unscale_) are honoured exactly; "
+                      "method='parallel' uses the gradients alone.", RuntimeWarning, stacklevel=3)
+
     def _steps_layer_by_layer(self) -> bool:
         """Whether a rank-adaptive step is taken one layer at a time (on a CPU, when the factors are large): the
         same results bit for bit with less memory (docs/performance.md); the factors' gradients are None after it."""
@@ -264,11 +277,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def _layer_by_layer_step(self) -> None:
         self._refresh_factor_params()
+        steps, coefficient_steps = self._layer_steps()
+        edits_unhonoured = fns.note_gradient_edits(steps)
         self._synchronise_workers()
+        self.warn_unhonoured_edits(edits_unhonoured)
         # Smallest factors first: a layer's step makes temporaries in proportion to its factors, so the largest run
         # last, when the most recorded x and dy and gradients are freed (timing study, rank 640: 298 MiB, 324 with
         # its first layer, the smallest, last; VGG16: the convs' records go before the classifier's step).
-        steps, coefficient_steps = self._layer_steps()
         steps = sorted(steps, key=lambda step: -fns.factor_numel(step.layer))
         while steps:  # popped from the end, so that a finished layer's bases, core and SVD are freed with its plan
             plan = fns.StepPlan([steps.pop()], self.takes_checked_shortcuts())
@@ -297,9 +312,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if self._method.passes == 2:
             raise RuntimeError(f"method={self.method!r} takes a second pass inside step(closure): it has no prepare_step")
         self._refresh_factor_params()
-        self._synchronise_workers()
         steps, coefficient_steps = self._layer_steps()
-        plan = fns.StepPlan(steps, self.takes_checked_shortcuts(), coefficient_steps=coefficient_steps)
+        edits_unhonoured = fns.note_gradient_edits(steps)  # before the gradients are averaged over workers
+        self._synchronise_workers()
+        plan = fns.StepPlan(steps, self.takes_checked_shortcuts(), coefficient_steps=coefficient_steps,
+                            edits_unhonoured=edits_unhonoured)
         if plan.steps:
             self._method.prepare(plan, self.world_size)
         return plan
