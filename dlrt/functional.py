@@ -162,13 +162,15 @@ class _RankAdaptive(Method):
     def prepare(self, plan: StepPlan, world_size: int) -> None:
         steps = plan.steps
         kl = kl_directions(steps)
-        for step, (dK, dL) in zip(steps, kl):  # the new directions Ũ, Ṽ from the K- and L-step directions
-            layer = step.layer
-            count = ig.augmentation_size(layer.rank, layer.out_dim, layer.in_dim)
-            with part("qr"):
-                step.new_bases = (linalg.new_directions(layer.U.detach(), dK, count, projected=plan.checked_shortcuts),
-                                  linalg.new_directions(layer.V.detach(), dL, count, projected=plan.checked_shortcuts))
-        del dK, dL
+        # the new directions Ũ, Ṽ from the K- and L-step directions; all U's and V's of the same shape in one QR
+        counts = [ig.augmentation_size(s.layer.rank, s.layer.out_dim, s.layer.in_dim) for s in steps]
+        with part("qr"):
+            bases = [s.layer.U.detach() for s in steps] + [s.layer.V.detach() for s in steps]
+            directions = [dK for dK, _ in kl] + [dL for _, dL in kl]
+            found = linalg.new_directions_of_many(bases, directions, counts * 2, projected=plan.checked_shortcuts)
+        for step, U_new, V_new in zip(steps, found[: len(steps)], found[len(steps):]):
+            step.new_bases = (U_new, V_new)
+        del found
         if not self.uses_kl_in_cores:
             kl = None
         self.cores(steps, kl, world_size)
@@ -298,7 +300,7 @@ def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]
         if on_host:  # the copy of the cores is the step's one host sync, and the ranks are read for free
             found, sigmas = linalg.svds_on_host(cores)
         else:
-            found = [linalg.svd(core) for core in cores]
+            found = linalg.svds(cores)
             sigmas = [sigma for _, sigma, _ in found]
     for step, svd in zip(plan.steps, found):
         step.svd = svd

@@ -121,19 +121,55 @@ def new_directions(U0: torch.Tensor, dK: torch.Tensor, count: int, projected: bo
     return Q[:, r : r + count]
 
 
+def new_directions_of_many(bases: list[torch.Tensor], directions: list[torch.Tensor], counts: list[int],
+                           projected: bool = False) -> list[torch.Tensor]:
+    """new_directions for many factors. Without the projected shortcut, the QRs of same-shaped [U0, dK] are one
+    batched call: on a GPU one launch (and one host check) instead of one per factor; on a CPU LAPACK loops over the
+    batch, the same results."""
+    if projected:
+        return [new_directions(U0, dK, count, projected=True) for U0, dK, count in zip(bases, directions, counts)]
+    found: list[torch.Tensor | None] = [None] * len(bases)
+    for indices in _same_shapes([(U0.shape, count) for U0, count in zip(bases, counts)]):
+        r, count = bases[indices[0]].shape[1], counts[indices[0]]
+        Q, _ = torch.linalg.qr(torch.stack([torch.cat([bases[i], directions[i][:, :count]], dim=1) for i in indices]))
+        for Q_i, i in zip(Q, indices):
+            found[i] = Q_i[:, r: r + count]
+    return found
+
+
+def _same_shapes(keys: list) -> list[list[int]]:
+    """The indices of equal keys, grouped, in order of first appearance."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 def _project_out(U0: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """X - U0 U0^T X, the subtraction fused into the product."""
     return torch.addmm(X, U0, U0.T @ X, alpha=-1)
 
 
 def svd(S1: torch.Tensor):
-    """SVD of an augmented core; in float64 when the float32 solver does not converge (seen with
-    hundreds of near-zero singular values at rank 640)."""
+    """SVD of an augmented core (or a batch of them); in float64 when the float32 solver does not converge (seen
+    with hundreds of near-zero singular values at rank 640)."""
     try:
         return torch.linalg.svd(S1)
     except torch.linalg.LinAlgError:
         P, sigma, Qh = torch.linalg.svd(S1.double())
         return P.to(S1.dtype), sigma.to(S1.dtype), Qh.to(S1.dtype)
+
+
+def svds(cores: list[torch.Tensor]) -> list[tuple]:
+    """svd of each core, those of the same size in one batched call (one launch on a GPU)."""
+    found: list[tuple | None] = [None] * len(cores)
+    for indices in _same_shapes([core.shape for core in cores]):
+        if len(indices) == 1:
+            found[indices[0]] = svd(cores[indices[0]])
+            continue
+        for i, P, sigma, Qh in zip(indices, *svd(torch.stack([cores[i] for i in indices]))):
+            found[i] = (P, sigma, Qh)
+    return found
 
 
 def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple], list[torch.Tensor]]:

@@ -160,3 +160,18 @@ def test_adam_masses_kept_as_one_row_move_like_full_ones():
     full = change_basis(full, rule, "project", None, right)
     for key in full:
         assert torch.allclose(shared[key].expand_as(full[key]), full[key])
+
+
+def test_batched_factorisations_equal_one_call_per_matrix():
+    """Same-shaped QRs and SVDs go in one batched call (one launch on a GPU); the results are each matrix's own."""
+    g = torch.Generator().manual_seed(0)
+    bases = [torch.linalg.qr(torch.randn(n, 3, generator=g, dtype=torch.float64))[0] for n in (12, 12, 9, 12)]
+    directions = [torch.randn(U.shape[0], 3, generator=g, dtype=torch.float64) for U in bases]
+    counts = [3, 3, 3, 2]  # the last: same shape, another count, so a group of its own
+    batched = linalg.new_directions_of_many(bases, directions, counts)
+    for U0, dK, count, found in zip(bases, directions, counts, batched):
+        torch.testing.assert_close(found, linalg.new_directions(U0, dK, count))
+    cores = [torch.randn(k, k, generator=g, dtype=torch.float64) for k in (6, 6, 4, 6)]
+    for core, (P, sigma, Qh) in zip(cores, linalg.svds(cores)):
+        torch.testing.assert_close(sigma, torch.linalg.svdvals(core))
+        torch.testing.assert_close(P @ torch.diag(sigma) @ Qh, core)

@@ -4,6 +4,7 @@ optimizer that take a training step and an inference pass), on synthetic batches
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,6 +78,7 @@ class Runner:
     ranks_seen: list = field(default_factory=list)
     cpu_share: CpuShare = field(default_factory=CpuShare)
     error: str = ""  # set when a step raised: the runner is then left out of further timing
+    steps_per_call: int = 1  # a basis_every=k method's step is a whole cycle of k steps: its times are per step
 
     def ranks(self) -> list[int]:
         return [layer.rank for layer in low_rank_layers(self.model)]
@@ -125,12 +127,32 @@ def _dense_optimizer(params, name: str, lr: float, fused: bool = False) -> torch
     return kind(params, lr=lr, fused=fused or None)  # None: torch's default implementation
 
 
+def with_basis_every(methods, basis_every: list[int]) -> list[str]:
+    """The methods, and after each rank-adaptive one its variants at basis_every = k (`adaptive_k10`)."""
+    found = []
+    for method in methods:
+        found.append(method)
+        if method.split("_")[0] in ("adaptive", "parallel"):
+            found += [f"{method}_k{k}" for k in basis_every if k != 1]
+    return found
+
+
+def split_basis_every(method: str) -> tuple[str, int]:
+    """'adaptive_graphed_k10' -> ('adaptive_graphed', 10); a method without the suffix has k = 1."""
+    found = re.fullmatch(r"(.+)_k(\d+)", method)
+    return (found.group(1), int(found.group(2))) if found else (method, 1)
+
+
 def make_runner(method: str, case: Case, device: torch.device, base: nn.Module | None = None,
                 r_min: int | None = None, r_max: int | None = None, svd_on: str = "auto",
                 checked_shortcuts: bool | None = None) -> Runner:
     """A fresh model and optimizer for `method`: dense (plain nn layers, torch.optim's default), dense_fused (torch's
-    fused kernel), a DLRT method (dlrt.functional.METHODS), adaptive_pinned or adaptive_graphed. Low-rank models are
-    copies of `base` when given. checked_shortcuts: DLRTOptimizer's (graphed steps always take False)."""
+    fused kernel), a DLRT method (dlrt.functional.METHODS), adaptive_pinned or adaptive_graphed, each of the
+    rank-adaptive ones at basis_every = k with the suffix `_k<k>` (a timed call is then a whole cycle of k steps, one
+    basis step and k - 1 coefficient steps, and its times are divided by k). Low-rank models are copies of `base`
+    when given. checked_shortcuts: DLRTOptimizer's (graphed steps always take False)."""
+    name = method
+    method, basis_every = split_basis_every(method)
     if method in DENSE_METHODS:
         model = build(case, device, low_rank=False)
         opt = _dense_optimizer(model.parameters(), case.optimizer, case.lr, fused=method == "dense_fused")
@@ -141,12 +163,23 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
     if method == "adaptive_graphed":  # a graph cannot hold the shortcuts' checks on the host
         checked_shortcuts = False
     opt = DLRTOptimizer(model, lr=case.lr, tau=case.tau, method=dlrt_method, optimizer=case.optimizer,
-                        svd_on=svd_on, checked_shortcuts=checked_shortcuts, **options)
+                        svd_on=svd_on, checked_shortcuts=checked_shortcuts, basis_every=basis_every, **options)
     if method in PINNED_METHODS:
         pin_ranks(opt)
     if method == "adaptive_graphed":
-        return Runner(method, model, GraphedStep(model, opt, F.cross_entropy), opt)
-    return Runner(method, model, training_step(model, opt, fns.METHODS[dlrt_method].passes == 2), opt)
+        step = GraphedStep(model, opt, F.cross_entropy)
+    else:
+        step = training_step(model, opt, fns.METHODS[dlrt_method].passes == 2)
+    return Runner(name, model, step if basis_every == 1 else _cycle(step, basis_every), opt,
+                  steps_per_call=basis_every)
+
+
+def _cycle(step, k: int):
+    """k steps on the batch: one whole basis cycle (the basis step first, as the optimizer counts from it)."""
+    def cycle(x, y):
+        for _ in range(k):
+            step(x, y)
+    return cycle
 
 
 def synthetic_batches(case: Case, device: torch.device, count: int, seed: int = 1):

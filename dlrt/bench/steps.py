@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .cases import build, make_runner, step_cases, synthetic_batches
+from .cases import build, make_runner, step_cases, synthetic_batches, with_basis_every
 from .output import Meta, ranks_str, table
 from .timing import cpu_columns, progress_bar, quantile, summary, time_runners, wait_for_idle
 
@@ -30,7 +30,7 @@ def step_methods(device: torch.device, graphs: str = "with") -> tuple[str, ...]:
 def run(args, device: torch.device, meta: Meta) -> list[dict]:
     rows = []
     cases = step_cases(args.quick)
-    methods = step_methods(device, args.graphs)
+    methods = with_basis_every(step_methods(device, args.graphs), args.basis_every)
     total = len(cases) * len(methods) * (args.steps + args.infer_steps)
     with progress_bar(total, "steps") as bar:
         for case in cases:

@@ -142,6 +142,7 @@ def time_runners(runners: list, batches, device, *, phase: str, warmup: int, ste
                     counts[runner.name] += 1
                     spent[runner.name] += wall
                     if phase == "train":
+                        wall, cpu = wall / runner.steps_per_call, cpu / runner.steps_per_call
                         runner.train_ms.append(wall)
                         runner.train_cpu_ms.append(cpu)
                         runner.ranks_seen.append(tuple(runner.ranks()))

@@ -11,7 +11,7 @@ import torch
 
 from dlrt.experiments.run_folder import atomic_write
 
-from .cases import Runner, build, make_runner, synthetic_batches, timing_study_case
+from .cases import Runner, build, make_runner, synthetic_batches, timing_study_case, with_basis_every
 from .output import Meta, ranks_str, table
 from .timing import cpu_columns, progress_bar, quantile, summary, time_runners, wait_for_idle
 
@@ -44,7 +44,7 @@ def run(args, device: torch.device, meta: Meta) -> list[dict]:
     case = timing_study_case(1, width, args.ts_batch)
     batches = synthetic_batches(case, device, max(2, args.batches // 8))
     timed = dict(warmup=args.ts_warmup, rounds=1, min_steps=args.min_steps, max_seconds=args.ts_max_seconds)
-    methods = timing_methods(device, args.graphs)
+    methods = with_basis_every(timing_methods(device, args.graphs), args.basis_every)
     total = (1 + len(methods) * len(ranks)) * args.ts_steps + (1 + len(ranks)) * args.ts_steps
     rows = []
     with progress_bar(total, "timing study") as bar:
@@ -79,8 +79,8 @@ def run(args, device: torch.device, meta: Meta) -> list[dict]:
             time_runners([infer], batches, device, phase="infer", steps=args.ts_steps, progress=bar, **timed)
             for runner in runners:
                 rows.append(row(runner.name, "train", runner, rank, runner.ranks(), waited))
-                if runner.name == "adaptive_graphed" and runner.error:  # a capture that failed once fails at
-                    methods.remove("adaptive_graphed")                # every rank: do not try it again
+                if runner.name.startswith("adaptive_graphed") and runner.error:  # a capture that failed once
+                    methods.remove(runner.name)                                # fails at every rank: no retry
             rows.append(row("low_rank", "infer", infer, rank, infer.ranks(), waited))
             del runners, infer
     return rows
