@@ -161,9 +161,8 @@ def _phase(cfg, model, method: str, checkpoint: dict | None = None):
 def _train_and_evaluate(cfg, epoch, total, phase, model, optimizer, scheduler, graphed, data, generator, workers,
                         stop, folder, rows) -> dict:
     epoch_start = time.time()
-    bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch,
-               desc=f"epoch {epoch + 1}/{total}", leave=False, disable=not (cfg.progress and workers.is_main),
-               file=sys.stderr)
+    bar = tqdm(data.train_batches(generator), total=data.batches_per_epoch, desc=f"epoch {epoch + 1}/{total}",
+               leave=False, disable=not (cfg.progress and workers.is_main and sys.stderr.isatty()), file=sys.stderr)
     try:
         loss_sum, correct, seen = train_epoch(model, optimizer, bar, workers, stop, cfg.precision, graphed)
     except (TrainingDiverged, Interrupted) as e:

@@ -126,7 +126,7 @@ def provenance(experiment: Experiment, protocol: TableProtocol, rows: list[dict]
     failed = [r for r in runs if r.summary.get("status") != "completed"]
     finished = sorted(r.summary["finished"] for r in completed)
     lines = [f"Made by `dlrt-tables` from {len(completed)} finished run(s) in `{experiment.folder}/`"
-             + (", with:" if completed else "."), f"Where the paper is wrong or does not say, see [{ERRATA_LINK}](../ERRATA.md)."]
+             + (", with:" if completed else ".")]
     if completed:
         lines += [
             "```\n" + "\n".join(command_lines(r.summary["command"] for r in completed)) + "\n```",
@@ -145,6 +145,7 @@ def provenance(experiment: Experiment, protocol: TableProtocol, rows: list[dict]
     lines += [f"- left out, unreadable: {entry}" for entry in experiment.unreadable]
     if archived:
         lines.append(f"- rows marked (a) are archived: {archived}")
+    lines.append(f"\nWhere the paper is wrong or does not say, see [{ERRATA_LINK}](../ERRATA.md).")
     return "\n".join(lines)
 
 

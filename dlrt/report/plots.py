@@ -63,6 +63,18 @@ def save(figure, path: Path) -> None:
     print(f"dlrt-tables: wrote {path}", file=sys.stderr)
 
 
+def epoch_axis(ax, epochs) -> None:
+    """Whole epochs on the x axis: each epoch a tick when there are few (a 1-epoch run's axis would otherwise be
+    ticked 0.945, 0.960, ... around its one point), integer ticks chosen by matplotlib when there are many."""
+    epochs = sorted({int(e) for e in epochs})
+    ax.set_xlabel("epoch")
+    if len(epochs) <= 12:
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def with_runs(frame: pd.DataFrame | None) -> pd.DataFrame | None:
     """The rows that have a finished run, or None when there are none."""
     if frame is None or not (frame["n_seeds"] > 0).any():
@@ -89,8 +101,7 @@ def rank_evolution(runs: list):
             ax.plot(run.epochs["epoch"], run.epochs[f"rank_{layer}"], marker=".", color=color,
                     label=f"ϑ = {tau:g} (seed {run.seed}, {init} init)")
         ax.set_title(LENET5_LAYERS[layer] if n_layers == len(LENET5_LAYERS) else f"layer {layer}")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, [e for run in first.values() for e in run.epochs["epoch"]])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("rank")
     axes[0][-1].legend(fontsize=7, loc="upper right")
@@ -180,8 +191,8 @@ def dlrt_vs_uv(frame: pd.DataFrame | None, setup: str):
                 paper_std = np.nan_to_num(np.array([row.get(f"paper_epoch_{e}_std", np.nan) for e in epochs], dtype=float))
                 ax.plot(epochs, paper, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{label}, paper (10 runs)")
                 ax.fill_between(epochs, paper - paper_std, paper + paper_std, color=line.get_color(), alpha=0.08)
-        ax.set(title=SPECTRUM_TITLES.get(spectrum, str(spectrum)), xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(title=SPECTRUM_TITLES.get(spectrum, str(spectrum)))
+        epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("test accuracy (%)")
