@@ -79,6 +79,7 @@ def as_override(key, value) -> str:
 @example("mnist", "lenet5", "adaptive", [("lr", 1e300)])  # inf in float32: the same
 @example("mnist", "lenet5", "adaptive", [("out_dir", "")])  # accepted before: the run folder went to /
 @example("mnist", "lenet5", "adaptive", [("out_dir", "x" * 300)])  # a name no file system takes
+@example("mnist", "lenet5", "adaptive", [("data.root", 0)])  # found by this test: Path(0), a TypeError
 def test_any_values_are_accepted_or_refused_in_one_line(data, model, method, pairs):
     register()
     overrides = [f"data={data}", f"model={model}", f"method={method}", "data.subset=null" if data == "mnist" else "seed=0"]
@@ -120,6 +121,8 @@ TINY = ["data=synthetic", "data.n_train=64", "data.n_val=16", "data.n_test=16", 
 @given(st.sampled_from(["adaptive", "parallel", "fixed", "dense", "vanilla"]),
        st.lists(st.tuples(st.sampled_from(RUN_KEYS), VALUES), min_size=1, max_size=3))
 @example("adaptive", [("lr", 1e37)])  # finite, and the factors overflow in the step
+@example("adaptive", [("optim.eps", 1.6e-223)])  # found by this test: 0 in float32, 0/0 in Adam,
+#                                                                    then an SVD's traceback
 def test_an_accepted_config_trains_or_fails_in_one_line(method, pairs):
     with tempfile.TemporaryDirectory() as out:
         args = [*TINY, f"method={method}", *(as_override(k, v) for k, v in pairs), f"out_dir={out}"]

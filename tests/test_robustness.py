@@ -302,3 +302,20 @@ def test_out_dir_empty_is_refused_and_nothing_goes_to_the_root(tmp_path, monkeyp
 
     code, err = run_in_process([*QUICK, "out_dir="], tmp_path, monkeypatch, capsys)
     assert code == 2 and "out_dir is empty" in err and not list(Path("/").glob("lenet5-synthetic-*"))
+
+
+def test_a_factorisation_that_fails_in_training_is_a_failed_run_in_one_line(tmp_path, monkeypatch, capsys):
+    from dlrt import DLRTOptimizer
+    from test_cli import QUICK, run_in_process
+
+    def step(self, closure=None):
+        closure()
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix "
+                                       "contained non-finite values.")
+
+    monkeypatch.setattr(DLRTOptimizer, "step", step)
+    code, err = run_in_process([*QUICK, "out_dir=runs"], tmp_path, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("the factors became non-finite; a smaller lr may train")
+    (summary,) = tmp_path.glob("runs/*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "failed"

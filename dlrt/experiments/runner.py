@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .run_folder import RunFolder, RunFolderError
-from .validate import ConfigError, validate
+from .validate import ConfigError, one_line, validate
 
 GROUPS = ("model", "data", "method", "optim")
 NAMED = ("model.name", "data.name", "method.name", "tau", "seed")  # in the folder's base name
@@ -47,6 +47,8 @@ def run_job(cfg: DictConfig) -> dict | None:
         said = "already finished" if summary["status"] == "completed" else f"it failed before ({summary.get('reason')})"
         print(f"skipping {folder}: {said}; delete the folder to run it again", file=sys.stderr)
         return summary
+    from torch.linalg import LinAlgError
+
     from .data import DataError
     from .models import ModelError
     from .train import TrainingDiverged, train
@@ -61,6 +63,12 @@ def run_job(cfg: DictConfig) -> dict | None:
         raise UserError(str(e)) from None
     except TrainingDiverged as e:
         raise RunFailed(f"{folder} failed: {e}") from None
+    except LinAlgError as e:  # non-finite factors reached a QR or SVD before they reached the loss
+        reason = f"a factorisation of the step failed ({one_line(e)[:120]}): the factors became non-finite"
+        if main:
+            folder.write_summary({"status": "failed", "reason": reason, "model": cfg.model.name,
+                                  "method": cfg.method.name, "tau": cfg.tau, "seed": cfg.seed})
+        raise RunFailed(f"{folder} failed: {reason}; a smaller lr may train") from None
     if main:
         best = summary["selected"]
         print(f"done: {folder}\n  selected epoch {best['epoch']} ({summary['selection']}): test acc "

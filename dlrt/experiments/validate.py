@@ -3,6 +3,7 @@ that names the key and says what to do. Nothing here makes a folder or reads a d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ GROUPS = ("model", "data", "method", "optim")
 LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla", "vanilla_frozen_convs")
 METHODS = ("dense",) + LOW_RANK_METHODS
 FLOAT32_MAX = 3.4028234663852886e38  # a larger value becomes inf in the float32 arithmetic of training
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: smaller ones are flushed to 0 on a CPU
 INT64_MAX = 2**63 - 1  # torch's sizes, seeds and counters
 MAX_EPOCHS = 1_000_000  # the trainer plans every epoch ahead: more is a typo, not a run
 DOCS = "docs/runner.md lists the keys"
@@ -52,6 +54,10 @@ def check_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.get('name')}: choose one of {', '.join(METHODS)}")
     for group in GROUPS:
         node = cfg[group]
+        for f in dataclasses.fields(group_schema(group, node.get("name"))):
+            value = node.get(f.name)
+            if f.type == "str" and value is not None and not isinstance(value, str):  # data.root=0 is the int 0
+                raise ConfigError(f"{group}.{f.name}={value} must be text: quote it, {group}.{f.name}='{value}'")
         schema = OmegaConf.structured(group_schema(group, node.get("name")))
         extra = sorted(set(node.keys()) - set(schema.keys()))
         if extra:
@@ -127,8 +133,9 @@ def _check_numbers(cfg: DictConfig) -> None:
     if optim.name == "adam":
         if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
             raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
-        if not optim.eps > 0:
-            raise ConfigError(f"optim.eps={optim.eps} must be > 0")
+        if not optim.eps >= FLOAT32_TINY:
+            raise ConfigError(f"optim.eps={optim.eps} must be >= {FLOAT32_TINY:.3g}: a smaller one is 0 in float32, "
+                              "and Adam divides by it")
     if data.name == "synthetic":
         if len(data.input_shape) != 3 or min(data.input_shape) < 1:
             raise ConfigError(f"data.input_shape={list(data.input_shape)} must be three positive sizes: channels, "
@@ -214,17 +221,18 @@ def _check_paths(cfg: DictConfig) -> None:
     (a download goes only into an existing folder, so a mistyped root is not made)."""
     for key in ("out_dir", "data.root"):
         value = OmegaConf.select(cfg, key)
-        if value is not None and not str(value).strip():
+        value = None if value is None else str(value)  # data.root=0 composes to an int
+        if value is not None and not value.strip():
             raise ConfigError(f"{key} is empty: give a folder ('.' for this one)")
         if value is not None and max(len(part.encode()) for part in Path(value).parts) > 255:
             raise ConfigError(f"{key}={str(value)[:40]}...: a folder name longer than 255 bytes, which file systems "
                               "refuse")
-    out = Path(cfg.out_dir)
+    out = Path(str(cfg.out_dir))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir} is a file, not a folder: choose another out_dir")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"out_dir={cfg.out_dir}: {existing} cannot be written by this user: choose another out_dir")
-    if cfg.data.name in ("cifar10", "imagenet") and not Path(cfg.data.root).is_dir():
+    if cfg.data.name in ("cifar10", "imagenet") and not Path(str(cfg.data.root)).is_dir():
         raise ConfigError(f"data.root={cfg.data.root} is no folder: point it at the folder that holds "
                           f"{'cifar-10-batches-py' if cfg.data.name == 'cifar10' else 'train/ and val/'}")
