@@ -11,7 +11,8 @@ factorised training W = U V^T, the paper's naive baseline; the singular values a
 construction; s_only sets requires_grad=False on U and V, so the backward skips their gradients).
 
 As in torch.optim, every hyperparameter lives in `param_groups`: lr, tau (ϑ), absolute_tau, r_min, r_max,
-state_policy and the update rule's (optimizer: sgd or adam; momentum; betas; eps). A group holds low-rank
+state_policy, basis_every and the update rule's (optimizer: sgd, with momentum, or adam, with betas and eps; as in
+torch's SGD and Adam a group holds its rule's keys only, so torch's schedulers cycle momentum or beta1 as there). A group holds low-rank
 layers ("layers") and their current factors ("params"); per-group values are honoured, so convs and linears
 can have their own ϑ, and a scheduler can drive any of them. The parameters that are not low-rank (biases,
 dense layers, norms) are stepped once per batch, with the S-step, by an ordinary torch optimizer
@@ -50,6 +51,7 @@ from torch import nn
 
 from . import functional as fns
 from . import linalg
+from .conversion import check_not_merged
 from .distributed import all_reduce_mean, broadcast_buffers, world_size
 from .groups import (bounds, check_hyperparameters, factors, groups_of, layers_of, make_defaults,
                      make_dense_optimizer, rule_key)
@@ -222,6 +224,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One DLRT step. closure (as in torch.optim): zeroes the gradients, recomputes the loss, calls backward
         and returns the loss. It is called first; method='fixed' calls it again at the moved basis."""
+        check_not_merged(self._layers)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -311,6 +314,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         Nothing in it reads a device value on the host."""
         if self._method.passes == 2:
             raise RuntimeError(f"method={self.method!r} takes a second pass inside step(closure): it has no prepare_step")
+        check_not_merged(self._layers)
         self._refresh_factor_params()
         steps, coefficient_steps = self._layer_steps()
         edits_unhonoured = fns.note_gradient_edits(steps)  # before the gradients are averaged over workers

@@ -496,3 +496,13 @@ def test_schedulers_stay_attached_to_both_optimizers_across_a_resume(scheduler):
     assert opt2.dense_optimizer.param_groups[0]["lr"] == lrs[0]  # the dict the dense steps read
     for a, b in zip(model.parameters(), restored.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_optimizer_whose_layers_were_merged_refuses_to_step():
+    import dlrt
+
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.1)
+    dlrt.merge(model)
+    with pytest.raises(RuntimeError, match="replaced by dense ones"):
+        train_step(model, opt, *batch_for(model))

@@ -431,3 +431,21 @@ def test_two_folders_of_the_same_run_count_once(tmp_path):
     main(["--runs", str(runs), "--out", str(tmp_path / "out"), "--experiments", "lenet5_mnist"])
     dense = lenet5_row(table(tmp_path / "out", "lenet5_mnist"), "dense")
     assert dense["n_seeds"] == 2 and dense["test_acc_mean"] == pytest.approx((90.0 + 98.9) / 2)
+
+
+def test_a_run_at_another_basis_every_gets_a_row_of_its_own(tmp_path):
+    """Configs written before method.basis_every existed hold its default (1): a k = 10 run beside them is not
+    averaged into the paper's row (it was, when only present values could differ)."""
+    epochs = [(0.5, 97.0, [9, 16, 28]), (0.4, 98.0, [9, 16, 28])]
+    for seed in (0, 1):
+        write_run(tmp_path, "lenet5_mnist", f"lenet5-mnist-adaptive-tau0.15-seed{seed}",
+                  config("lenet5", "adaptive", 0.15, seed, 2), epochs)
+    every_10 = config("lenet5", "adaptive", 0.15, 0, 2)
+    every_10["method"]["basis_every"] = 10
+    write_run(tmp_path, "lenet5_mnist", "lenet5-mnist-adaptive-tau0.15-seed0_method.basis_every=10", every_10,
+              [(0.6, 90.0, [9, 16, 28]), (0.5, 91.0, [9, 16, 28])])
+    assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "tables" / "lenet5_mnist.csv")
+    rows = table[(table["method"] == "adaptive") & (table["tau"] == 0.15) & (table["n_seeds"] > 0)]
+    rows = rows.fillna({"settings": ""})
+    assert sorted(zip(rows["settings"], rows["n_seeds"])) == [("", 2), ("method.basis_every=10", 1)]

@@ -8,6 +8,7 @@ settings label keeps them in rows of their own.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -94,17 +95,42 @@ NOT_SETTINGS = {"seed", "tau", "method.name", "out_dir", "progress", "device", "
 def settings_labels(runs: list[Run], grouped_by: tuple[str, ...] = ()) -> dict[str, str]:
     """Run name -> the settings in which it differs from runs of the same method ("" when none do).
 
-    A key that older runs' configs lack (or only older ones have: model.protocol.* of dlrt 0.1) came or went with
-    a default that keeps the behaviour: only values that are present can differ.
+    A key that older runs' configs lack came with a default that keeps the behaviour: such a run holds today's
+    default of its method (method.basis_every = 1 before basis_every existed), so that a run at another value gets
+    a row of its own, labelled; runs at a method key's default are not labelled by it. A key only older runs have
+    (model.protocol.* of dlrt 0.1) went: only present values differ.
     """
     labels = {}
     for method in {run.method for run in runs}:
         same = [run for run in runs if run.method == method]
+        defaults = method_defaults(method)
+        value = lambda run, key: run.config.get(key, defaults.get(key))
         keys = sorted({key for run in same for key in run.config} - NOT_SETTINGS - set(grouped_by))
-        varying = [key for key in keys if len({run.config[key] for run in same if key in run.config}) > 1]
-        for run in same:
-            labels[run.name] = ", ".join(f"{key}={run.config[key]}" for key in varying if key in run.config)
+        varying = [key for key in keys
+                   if len({value(run, key) for run in same if key in run.config or key in defaults}) > 1]
+        for run in same:  # a method key at its default is no setting of its own: the paper's rows have none
+            labels[run.name] = ", ".join(f"{key}={value(run, key)}" for key in varying
+                                         if (key in run.config or key in defaults)
+                                         and not (key in defaults and value(run, key) == defaults[key]))
     return labels
+
+
+@functools.lru_cache(maxsize=None)
+def method_defaults(method: str) -> dict:
+    """The method group's keys and their defaults today ({} for a method that is no config option of ours)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from dlrt.experiments.cli import CONFIG_DIR, register
+
+    register()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            node = compose("config", overrides=[f"method={method}"]).method
+    except HydraException:
+        return {}
+    return flatten(OmegaConf.to_container(node, resolve=True), "method.")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
