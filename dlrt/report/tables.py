@@ -5,7 +5,8 @@
     dlrt-tables --runs results/runs --missing > missing.txt    # the dlrt-run commands the tables still miss
 
 It reads <runs>/<experiment>/<run>/{config.yaml, epochs.csv, summary.json} and writes <out>/tables/<table>.csv
-and .md, then the figures of dlrt.report.plots into <out>/plots/. Without --out it writes into tables_out/, so that
+and .md, then the figures of dlrt.report.plots into <out>/plots/; run folders outside the paper's experiments (a
+sweep of one's own) get tables of their own, dlrt.report.sweep. Without --out it writes into tables_out/, so that
 it never overwrites committed results unless told to. A paper row with no finished run of ours reads "not run" (or
 shows an archived row, marked as such): no number is ever filled in for us. With --missing it writes nothing but
 prints the runs of protocols.SWEEPS that have no finished folder under --runs (dlrt.report.missing).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from dlrt.experiments.run_folder import write_text
 
-from . import fc, lenet5, missing, plots, uv
+from . import fc, lenet5, missing, plots, sweep, uv
 from .markdown import Table
 from .runs import load_experiment
 
@@ -88,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             write_table(table, args.out / "tables")
             tables[table.name] = table.frame
+    swept = sweep.tabulate(args.runs, args.out, skip=EXPERIMENTS)  # runs outside the paper's experiments
     if not tables:
-        print(f"dlrt-tables: nothing to tabulate in {args.runs}", file=sys.stderr)
+        if not swept:
+            print(f"dlrt-tables: nothing to tabulate in {args.runs}", file=sys.stderr)
         return 0
     plots.make_plots(tables, runs, args.out / "plots")
     return 0
