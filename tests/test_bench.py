@@ -225,3 +225,17 @@ def test_the_memory_suite_writes_dense_beside_each_method(tmp_path):
     assert [r["method"] for r in study] == ["dense", "adaptive", "fixed", "parallel"]
     assert all(_positive(r["peak_mib"]) for r in study) and float(study[0]["pct_of_dense"]) == 100
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_basis_every_times_whole_cycles_and_measures_a_coefficient_step(tmp_path):
+    """--basis-every 3: adaptive_k3 and parallel_k3 beside their k = 1 rows; a timed call is one cycle (three steps,
+    the ranks kept by the basis step), and the memory suite measures a coefficient step, which holds less than the
+    basis step (no recorded x and dy, no G V or G^T U)."""
+    args = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--threads", "1", "--basis-every", "1,3"]
+    assert cli.main(args + ["--suite", "steps,memory"]) == 0
+    steps = [r for r in _rows(tmp_path / "steps.csv") if r["case"] == "fc500_r40" and r["phase"] == "train"]
+    assert [r["method"] for r in steps][:4] == ["dense", "dense_fused", "adaptive", "adaptive_k3"]
+    assert all(_positive(r["median_ms"]) for r in steps)
+    memory = {r["method"]: r for r in _rows(tmp_path / "memory.csv")
+              if r["case"] == "timing_study_r8" and r["optimizer"] == "sgd"}
+    assert float(memory["adaptive_k3"]["peak_mib"]) < float(memory["adaptive"]["peak_mib"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer
 
+from .cases import split_basis_every, with_basis_every
 from .memory import PARTS, peak_step_memory
 
 MIB = 2 ** 20
@@ -51,16 +52,19 @@ def memory_cases(device: torch.device, quick: bool) -> list[MemoryCase]:
 
 def _step(case: MemoryCase, method: str, optimizer: str, device: torch.device):
     """(model, optimizer, one training step) of a case; the factors start from random factors (init="authors"):
-    the values do not change the memory, and it skips the SVDs of large dense draws."""
+    the values do not change the memory, and it skips the SVDs of large dense draws. A method at basis_every = k
+    (adaptive_k10) measures its third step, a coefficient step: its basis step is the plain method's step."""
     from dlrt.experiments.models import build_model
 
+    method, basis_every = split_basis_every(method)
     torch.manual_seed(0)
     low_rank = method != "dense"
     pinned = case.rank is not None  # at the case's ranks: every step augments to 2r and truncates back to r
     model = build_model(case.model, case.input_shape, case.classes, low_rank=low_rank,
                         rank=case.rank, init="authors" if low_rank else "svd", **case.options).to(device)
     if low_rank:
-        opt = DLRTOptimizer(model, lr=1e-3, tau=0.0 if pinned else 0.1, method=method, optimizer=optimizer)
+        opt = DLRTOptimizer(model, lr=1e-3, tau=0.0 if pinned else 0.1, method=method, optimizer=optimizer,
+                            basis_every=basis_every)
         for layer in opt.layers if pinned else []:
             opt.set_rank_bounds(layer, layer.rank, layer.rank)
     else:
@@ -97,7 +101,7 @@ def run(args, device, meta) -> list[dict]:
     for case in memory_cases(device, args.quick):
         for optimizer in ("sgd", "adam"):
             dense_peak = math.nan
-            for method in case.methods:
+            for method in with_basis_every(case.methods, args.basis_every):
                 try:
                     row = memory_rows(case, method, optimizer, device, meta.fields)
                 except (RuntimeError, MemoryError) as e:  # one case out of memory must not lose the others
