@@ -47,3 +47,24 @@ def test_the_papers_experiment_folders_keep_their_own_tables(myruns, tmp_path):
     (myruns / "myruns" / "lenet5_mnist" / "x" / "config.yaml").write_text("tau: 0.1\n")
     folders = sweep_folders(myruns / "myruns", skip=("lenet5_mnist",))
     assert list(folders) == ["sweep_myruns"] and len(folders["sweep_myruns"]) == 5
+
+
+@pytest.mark.parametrize("args,message", [(["--runs", ""], "--runs: is empty"), (["--out", ""], "--out: is empty"),
+                                          (["--out", "/dev/null"], "--out /dev/null is a file, not a folder")])
+def test_tables_arguments_that_cannot_work_are_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        tables_main(["--runs", str(tmp_path), *args])
+    assert exit.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_tables_that_cannot_be_written_are_one_line(myruns, tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert tables_main(["--runs", str(myruns / "myruns"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dlrt-tables: error: cannot write") and "No space left on device" in err[-1]

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dlrt.experiments.run_folder import write_text
+from dlrt.experiments.run_folder import RunFolderError, write_text
 
 from . import fc, lenet5, missing, plots, sweep, uv
 from .markdown import Table
@@ -41,12 +41,18 @@ def write_table(table: Table, folder: Path) -> None:
     print(f"dlrt-tables: wrote {folder / table.name}.csv and .md", file=sys.stderr)
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is ".": an empty argument is a slip, not a choice of this folder
+        raise argparse.ArgumentTypeError("is empty: give a folder ('.' for this one)")
+    return Path(text)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="dlrt-tables", description="Tables and plots of our runs beside the paper's numbers.")
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="the folder of run folders (default: runs)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+    parser.add_argument("--runs", type=_folder, default=Path("runs"), help="the folder of run folders (default: runs)")
+    parser.add_argument("--out", type=_folder, default=DEFAULT_OUT,
                         help=f"tables go to OUT/tables, plots to OUT/plots (default: {DEFAULT_OUT})")
-    parser.add_argument("--archive", type=Path, default=None,
+    parser.add_argument("--archive", type=_folder, default=None,
                         help="a folder of earlier table CSVs whose rows fill rows that have no run (marked as archived)")
     parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS), metavar="NAME",
                         help=f"which experiments (default: all of {', '.join(EXPERIMENTS)})")
@@ -68,6 +74,8 @@ def parse_args(argv):
         parser.error("--override and --seeds go with --missing: they choose which runs it lists")
     if not args.runs.is_dir():
         parser.error(f"--runs {args.runs}: no such folder")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     if args.archive is not None and not args.archive.is_dir():
         parser.error(f"--archive {args.archive}: no such folder")
     return args
@@ -75,6 +83,14 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return tabulate(args)
+    except (OSError, RunFolderError) as e:  # --out cannot be made or written (a full disk): written files stay whole
+        print(f"dlrt-tables: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def tabulate(args) -> int:
     if args.missing:
         runs = missing.planned_runs(overrides=args.override, seeds=args.seeds)
         print("\n".join(missing.missing_commands(args.runs, runs)))
