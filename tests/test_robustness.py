@@ -319,3 +319,26 @@ def test_a_factorisation_that_fails_in_training_is_a_failed_run_in_one_line(tmp_
     assert err.strip().splitlines()[-1].endswith("the factors became non-finite; a smaller lr may train")
     (summary,) = tmp_path.glob("runs/*/summary.json")
     assert json.loads(summary.read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("where,message", [("fifo", "exists and is not a file"), ("folder", "exists and is not a file"),
+                                           ("", "an empty path"), ("locked/model.safetensors", "cannot be written")])
+def test_export_refuses_an_out_it_cannot_or_must_not_replace(finished_run, tmp_path, capsys, monkeypatch, where, message):
+    """The file is written by a rename: over /dev/null (as root) that replaced the device with a file; a FIFO
+    stands in for a device here."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked")
+    out = str(tmp_path / where) if where else ""
+    if not where:
+        from dlrt.experiments.export import main
+
+        with pytest.raises(SystemExit):
+            main([str(finished_run), "--out", out])
+        assert message in capsys.readouterr().err
+        return
+    assert message in export_error([finished_run, "--out", out], capsys)
+    assert (tmp_path / "fifo").is_fifo() and (tmp_path / "folder").is_dir()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -57,18 +58,36 @@ def export_run(run_dir: str | Path, fmt: str = "factored", out: str | Path | Non
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                if k not in ("name", "rank", "spectrum", "init")}
     out = Path(out) if out else folder.file(f"model-{fmt}.safetensors")
-    with torch.no_grad():
-        return save_model(model, out, fmt, builder=BUILDER, name=cfg.model.name, input_shape=list(input_shape),
-                          num_classes=num_classes, **options)
+    _check_out(out)
+    from safetensors import SafetensorError
+
+    try:
+        with torch.no_grad():
+            return save_model(model, out, fmt, builder=BUILDER, name=cfg.model.name, input_shape=list(input_shape),
+                              num_classes=num_classes, **options)
+    except SafetensorError as e:  # safetensors' own word for a file it cannot write
+        raise ExportError(f"cannot write {out} ({' '.join(str(e).split())[:150]}): choose another --out") from None
+
+
+def _check_out(out: Path) -> None:
+    """The file is replaced by a rename: a folder, a device (/dev/null) or a folder that cannot be written is refused
+    before anything is written (as root, a rename over /dev/null would replace the device with a file)."""
+    if out.exists() and not out.is_file():
+        raise ExportError(f"--out {out} exists and is not a file: give the name of a file to write")
+    existing = next(p for p in [out.parent.absolute(), *out.parent.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: {existing} cannot be written by this user: choose another --out")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dlrt-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run folder (with best_model.pt)")
+    parser.add_argument("run_dir", help="a finished run folder (with best_model.pt)")
     parser.add_argument("--format", choices=FORMATS, default="factored")
-    parser.add_argument("--out", type=Path, default=None, help="output file (default RUN_DIR/model-FORMAT.safetensors)")
+    parser.add_argument("--out", default=None, help="output file (default RUN_DIR/model-FORMAT.safetensors)")
     parser.add_argument("--force", action="store_true", help="export a failed or unfinished run too")
     args = parser.parse_args(argv)
+    if not args.run_dir.strip() or (args.out is not None and not args.out.strip()):
+        parser.error("an empty path: give a run folder, and for --out a file name")
     try:
         out = export_run(args.run_dir, args.format, args.out, args.force)
     except (ExportError, RunFolderError, OSError) as e:
