@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from . import basis_cycle
 from . import integrators as ig
 from . import linalg
 from .distributed import all_reduce_mean
@@ -52,6 +53,9 @@ class LayerStep:
     core: torch.Tensor | None = None  # the S-step at the augmented bases
     svd: tuple | None = None  # (P, σ, Qh) of the core
     edit_scale: torch.Tensor | None = None  # how the gradients were rescaled since the backward (note_gradient_edits)
+    # a basis step of a cycle (basis_every > 1, dlrt.basis_cycle): its SVD is of the core the cycle trained, and
+    # it ends augmented, untruncated
+    in_cycle: bool = False
 
 
 @dataclass
@@ -160,7 +164,9 @@ class _RankAdaptive(Method):
     uses_kl_in_cores = False  # whether `cores` reads dK and dL: else they are freed before it (a rank's n x r each)
 
     def prepare(self, plan: StepPlan, world_size: int) -> None:
-        steps = plan.steps
+        steps = [s for s in plan.steps if not s.in_cycle]  # a cycle's basis step truncates before it augments
+        if not steps:
+            return
         kl = kl_directions(steps)
         # the new directions Ũ, Ṽ from the K- and L-step directions; all U's and V's of the same shape in one QR
         counts = [ig.augmentation_size(s.layer.rank, s.layer.out_dim, s.layer.in_dim) for s in steps]
@@ -181,6 +187,10 @@ class _RankAdaptive(Method):
     def finish(self, plan: StepPlan, new_ranks: list[int]) -> None:
         """New factors at the new ranks, and the states moved into the new bases."""
         for step, r1 in zip(plan.steps, new_ranks):
+            if step.in_cycle:
+                with part("set_factors"):
+                    basis_cycle.truncate_and_augment(step, r1, plan.checked_shortcuts, directions)
+                continue
             layer, state, policy = step.layer, step.state, step.group["state_policy"]
             rule = make_rule(*rule_key(step.group))
             r0 = layer.rank
@@ -292,10 +302,22 @@ METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "f
 # ---------------------------------------------------------------------------------------------
 
 
+def decomposed(step: LayerStep) -> torch.Tensor:
+    """What the step's SVD is taken of: the augmented core, or in a cycle's basis step the core the cycle trained."""
+    return step.layer.S.detach() if step.in_cycle else step.core
+
+
+def ranks_after(plan: StepPlan, new_ranks: list[int]) -> list[int]:
+    """The layers' ranks once `finish` has run: the truncated ranks, augmented again in a cycle's basis step."""
+    return [r1 + ig.augmentation_size(r1, s.layer.out_dim, s.layer.in_dim) if s.in_cycle else r1
+            for s, r1 in zip(plan.steps, new_ranks)]
+
+
 def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]) -> None:
-    """The SVD of each core and all truncation decisions as one tensor (plan.new_ranks). `bounds`: ϑ, relative,
-    r_min and r_max per step as tensors on the device where the ranks are decided (the host when on_host)."""
-    cores = [step.core for step in plan.steps]
+    """The SVD of each core (of the current S in a cycle's basis step) and all truncation decisions as one tensor
+    (plan.new_ranks). `bounds`: ϑ, relative, r_min and r_max per step as tensors on the device where the ranks are
+    decided (the host when on_host)."""
+    cores = [decomposed(step) for step in plan.steps]
     with part("svd"):
         if on_host:  # the copy of the cores is the step's one host sync, and the ranks are read for free
             found, sigmas = linalg.svds_on_host(cores)

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import functional as fns
 from .optim import BASIS_CLOCK, LOW_RANK_KEYS, DLRTOptimizer, is_basis_step
 
 
@@ -170,7 +171,7 @@ class GraphedStep:
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         self.opt.warn_unhonoured_edits(plan.edits_unhonoured)
         old_ranks = [step.layer.rank for step in plan.steps]
-        if new_ranks is not None and new_ranks != old_ranks:
+        if new_ranks is not None and fns.ranks_after(plan, new_ranks) != old_ranks:
             _put(self.opt, graphs.states_between)  # after a replay the dict holds the states graph 1 reads
             self.opt.finish_step(plan, new_ranks)  # new Parameters: every graph is done
             self.opt.schedule_next_step()

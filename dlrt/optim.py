@@ -49,6 +49,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import basis_cycle
 from . import functional as fns
 from . import linalg
 from .conversion import check_not_merged
@@ -73,8 +74,8 @@ BASIS_CLOCK = "basis_clock"
 def check_basis_every(value, method: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"basis_every must be an integer >= 1 (1: a basis step every batch, the paper's), got {value!r}")
-    if value > 1 and not fns.METHODS[method].changes_ranks:
-        raise ValueError(f"basis_every={value} applies to the rank-adaptive methods (adaptive, parallel), not to "
+    if value > 1 and method != "adaptive":
+        raise ValueError(f"basis_every={value} applies to method='adaptive' (the rank-adaptive step), not to "
                          f"method={method!r}: leave it at 1")
 
 
@@ -242,6 +243,20 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.schedule_next_step()
         return loss
 
+    @torch.no_grad()
+    def truncate(self) -> None:
+        """Truncate now the layers of every group with basis_every > 1, which between basis steps hold the augmented
+        bases of the last one (about twice their rank; dlrt.basis_cycle): before an evaluation, a checkpoint one
+        reports from, or an export. The other groups' steps end truncated: nothing to do for them. A truncated group's
+        next step is a basis step: a cycle starts afresh."""
+        for group in self.low_rank_groups:
+            if group["basis_every"] > 1:
+                for layer in group["layers"]:
+                    basis_cycle.truncate(layer, self._state_of(layer, group), group, bounds(layer, group))
+                group[BASIS_CLOCK] = 0
+                self._ready_for_next_step(group)
+        self._refresh_factor_params()
+
     def schedule_next_step(self) -> None:
         """Count the step in every group's basis cycle and ready its layers for their next step. `step` calls it;
         dlrt.graphs calls it after a step replayed from a graph, which runs no Python."""
@@ -332,7 +347,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if not plan.steps or not self._method.changes_ranks:
             return
         on_host = self._svds_on_host(plan)
-        device = torch.device("cpu") if on_host else plan.steps[0].core.device
+        device = torch.device("cpu") if on_host else fns.decomposed(plan.steps[0]).device
         fns.decide_ranks(plan, on_host, self._truncation_settings(plan, device))
 
     @torch.no_grad()
@@ -385,7 +400,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             for layer in group["layers"]:
                 grad = layer.U.grad if at_basis and self.method != "s_only" else layer.S.grad
                 if grad is not None:
-                    step = fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group))
+                    step = fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group),
+                                         in_cycle=group["basis_every"] > 1)
                     (basis if at_basis else coefficient).append(step)
         return basis, coefficient
 
@@ -409,7 +425,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _svds_on_host(self, plan: fns.StepPlan) -> bool:
         if self.svd_on != "auto":
             return self.svd_on == "host"
-        cores = [step.core for step in plan.steps]
+        cores = [fns.decomposed(step) for step in plan.steps]
         return cores[0].is_cuda and max(core.shape[0] for core in cores) <= HOST_SVD_MAX_SIZE
 
     def _truncation_settings(self, plan: fns.StepPlan, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -258,7 +258,8 @@ def test_layerwise_by_default_only_for_large_factors_of_a_rank_changing_cpu_step
 
 def test_svd_on_auto_takes_the_host_for_small_cores_of_a_gpu_step_only():
     def plan(is_cuda, *sizes):
-        return StepPlan([SimpleNamespace(core=SimpleNamespace(is_cuda=is_cuda, shape=(k, k))) for k in sizes])
+        return StepPlan([SimpleNamespace(core=SimpleNamespace(is_cuda=is_cuda, shape=(k, k)), in_cycle=False)
+                         for k in sizes])
 
     opt = DLRTOptimizer(seeded(small_mlp), lr=0.1)
     assert opt.svd_on == "auto"

@@ -176,6 +176,7 @@ def _train_and_evaluate(cfg, epoch, total, phase, model, optimizer, scheduler, g
             raise TrainingDiverged(f"{e} in epoch {epoch + 1}; {kept}") from None
         raise Interrupted(f"{e} in epoch {epoch + 1}; {kept}: run the same command to "
                           f"{'resume' if rows else 'start again'}") from None
+    optimizer.truncate()  # basis_every > 1: the epoch is evaluated, reported and checkpointed truncated
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     train_time = time.time() - epoch_start

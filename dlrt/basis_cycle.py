@@ -1,0 +1,77 @@
+"""The basis step of a cycle (basis_every = k > 1): truncate the core the cycle trained, then augment with this
+batch's gradient and take the S-step at the augmented bases, without truncating.
+
+Between two basis steps the layer keeps the augmented bases [U, Ũ], [V, Ṽ] of the last one, and the coefficient
+steps train the 2r x 2r core in them, as the authors' later code does (RobustDLRT, `num_local_iter`): the new
+directions of one batch get k - 1 steps of training before the truncation judges them. Where the truncation falls
+differs: RobustDLRT truncates after the cycle's last S-step, here it opens the next basis step, so that no step
+between two basis steps needs an SVD or the host. The gradient of the basis step is taken before that truncation,
+at a weight that differs from the truncated one by the dropped tail (at most ϑ ‖S‖): the step projects it onto the
+truncated bases (G V1 = (G V) Q1, G^T U1 = (G^T U) P1, U1^T G V1 = P1^T (U^T G V) Q1), as exactly as a gradient
+taken at the truncated weight would be up to that difference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import integrators as ig
+from . import linalg
+from .distributed import all_reduce_mean, world_size
+from .groups import rule_key
+from .update_rules import change_basis, lift_state, make_rule
+
+
+@torch.no_grad()
+def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> None:
+    """step: a functional.LayerStep whose svd is the SVD of the layer's current core; r1: its truncated rank.
+    `directions(entries)`: functional.directions, the update rules' directions for (state, gradient, group)."""
+    layer, state, group = step.layer, step.state, step.group
+    rule, policy, lr = make_rule(*rule_key(group)), group["state_policy"], group["lr"]
+    P, sigma, Qh = step.svd
+    P1, Q1 = P[:, :r1], Qh[:r1].T
+    U1, V1 = layer.U.detach() @ P1, layer.V.detach() @ Q1
+    grad_K, grad_L = layer.U.grad @ Q1, layer.V.grad @ P1  # G V1, G^T U1
+    grad_S = P1.T @ layer.S.grad @ Q1  # U1^T G V1
+    state["K"] = change_basis(state["K"], rule, policy, None, Q1)
+    state["L"] = change_basis(state["L"], rule, policy, None, P1)
+    state["S"] = change_basis(state["S"], rule, policy, P1, Q1)
+    dK, dL = directions([(state["K"], grad_K, group), (state["L"], grad_L, group)])
+    count = ig.augmentation_size(r1, layer.out_dim, layer.in_dim)
+    U_new, V_new = linalg.new_directions_of_many([U1, V1], [dK, dL], [count, count], projected=checked_shortcuts)
+    block = layer.project_gradient(U_new, V_new)
+    if step.edit_scale is not None:
+        block = block * step.edit_scale
+    layer.step_inputs.clear()
+    if world_size() > 1:
+        all_reduce_mean([block])
+    grad = ig.augmented_gradient(grad_S, grad_K, grad_L, U_new, V_new, block)
+    size = grad.shape[0]
+    state["S"] = lift_state(state["S"], size)
+    (dS,) = directions([(state["S"], grad, group)])
+    # K's state has V's columns, L's U's: the new directions start with none
+    state["K"], state["L"] = lift_columns(state["K"], size), lift_columns(state["L"], size)
+    layer.set_factors(torch.cat([U1, U_new], dim=1), ig.augmented_core(torch.diag(sigma[:r1]), size) - lr * dS,
+                      torch.cat([V1, V_new], dim=1))
+
+
+def lift_columns(state: dict, size: int) -> dict:
+    """A K or L state (rows x r, Adam's masses 1 x r) with zero columns for the new directions, `size` in all."""
+    return {key: torch.nn.functional.pad(value, (0, size - value.shape[1])) for key, value in state.items()}
+
+
+@torch.no_grad()
+def truncate(layer, state: dict, group: dict, bounds: tuple[int, int]) -> None:
+    """Truncate a layer between basis steps (DLRTOptimizer.truncate: before an evaluation or an export), as the
+    next basis step would: the SVD of its core, the rank by ϑ and the bounds, the states into the new bases."""
+    P, sigma, Qh = linalg.svd(layer.S.detach())
+    tau = torch.tensor([group["tau"]], dtype=torch.float64, device=sigma.device)
+    relative = torch.tensor([not group["absolute_tau"]], device=sigma.device)
+    r_min, r_max = (torch.tensor([bound], device=sigma.device) for bound in bounds)
+    r1 = int(ig.truncation_rank_tensor([sigma], tau, relative, r_min, r_max)[0])
+    P1, Q1 = P[:, :r1], Qh[:r1].T
+    rule, policy = make_rule(*rule_key(group)), group["state_policy"]
+    layer.set_factors(layer.U.detach() @ P1, torch.diag(sigma[:r1]), layer.V.detach() @ Q1)
+    state["K"] = change_basis(state["K"], rule, policy, None, Q1)
+    state["L"] = change_basis(state["L"], rule, policy, None, P1)
+    state["S"] = change_basis(state["S"], rule, policy, P1, Q1)
