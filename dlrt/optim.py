@@ -308,8 +308,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             layer = plan.steps[0].layer
             factors = (layer.U, layer.S, layer.V)  # at a new rank `finish` replaces them
             self._method.prepare(plan, self.world_size)
-            if layer.step_inputs is not None:  # x and dy are read
-                layer.step_inputs.clear()
+            if layer.step_inputs is not None and not plan.steps[0].in_cycle:  # x and dy are read (a cycle's
+                layer.step_inputs.clear()                                     # basis step reads them in finish)
             self.decide_ranks(plan)
             self._method.finish(plan, plan.new_ranks.tolist())
             for factor in factors:

@@ -228,7 +228,7 @@ def test_the_memory_suite_writes_dense_beside_each_method(tmp_path):
 
 
 def test_basis_every_times_whole_cycles_and_measures_a_coefficient_step(tmp_path):
-    """--basis-every 3: adaptive_k3 and parallel_k3 beside their k = 1 rows; a timed call is one cycle (three steps,
+    """--basis-every 3: adaptive_k3 beside the k = 1 rows; a timed call is one cycle (three steps,
     the ranks kept by the basis step), and the memory suite measures a coefficient step, which holds less than the
     basis step (no recorded x and dy, no G V or G^T U)."""
     args = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--threads", "1", "--basis-every", "1,3"]

@@ -40,6 +40,7 @@ class Case:
     lr: float
     input_shape: tuple = (1, 28, 28)
     num_classes: int = 10
+    methods: tuple | None = None  # the methods timed on it (None: the suite's)
 
 
 def _paper_case(name: str, model: str, options: dict, rank, tau: float, batch: int | None) -> Case:
@@ -56,6 +57,15 @@ def step_cases(quick: bool) -> list[Case]:
         _paper_case("fc500_t0.09", "fc", {"width": 500}, list(FC500_RANKS_AT_0_09), 0.09, batch),
         _paper_case("fc500_r40", "fc", {"width": 500}, 40, 0.09, batch),
     ]
+
+
+def imagenet_case(batch: int) -> Case:
+    """ResNet-50 at ImageNet shapes (224 x 224, 1000 classes), the layers at half their full rank (the runner's
+    start), the paper's ImageNet recipe (SGD lr 0.05, ϑ = 0.1); dense and the adaptive step only: other methods'
+    steps of this net take minutes."""
+    case = _paper_case("resnet50_imagenet", "resnet50", {}, None, 0.1, batch)
+    case.input_shape, case.num_classes, case.methods = (3, 224, 224), 1000, ("dense", "adaptive")
+    return case
 
 
 def timing_study_case(rank: int, width: int, batch: int) -> Case:
@@ -128,11 +138,11 @@ def _dense_optimizer(params, name: str, lr: float, fused: bool = False) -> torch
 
 
 def with_basis_every(methods, basis_every: list[int]) -> list[str]:
-    """The methods, and after each rank-adaptive one its variants at basis_every = k (`adaptive_k10`)."""
+    """The methods, and after each adaptive one its variants at basis_every = k (`adaptive_k10`)."""
     found = []
     for method in methods:
         found.append(method)
-        if method.split("_")[0] in ("adaptive", "parallel"):
+        if method.split("_")[0] == "adaptive":
             found += [f"{method}_k{k}" for k in basis_every if k != 1]
     return found
 

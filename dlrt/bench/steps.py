@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .cases import build, make_runner, step_cases, synthetic_batches, with_basis_every
+from .cases import build, imagenet_case, make_runner, step_cases, synthetic_batches, with_basis_every
 from .output import Meta, ranks_str, table
 from .timing import cpu_columns, progress_bar, quantile, summary, time_runners, wait_for_idle
 
@@ -29,11 +29,12 @@ def step_methods(device: torch.device, graphs: str = "with") -> tuple[str, ...]:
 
 def run(args, device: torch.device, meta: Meta) -> list[dict]:
     rows = []
-    cases = step_cases(args.quick)
-    methods = with_basis_every(step_methods(device, args.graphs), args.basis_every)
-    total = len(cases) * len(methods) * (args.steps + args.infer_steps)
+    cases = step_cases(args.quick) + ([imagenet_case(args.imagenet_batch)] if args.imagenet_batch else [])
+    methods_of = lambda case: with_basis_every(case.methods or step_methods(device, args.graphs), args.basis_every)
+    total = sum(len(methods_of(case)) for case in cases) * (args.steps + args.infer_steps)
     with progress_bar(total, "steps") as bar:
         for case in cases:
+            methods = methods_of(case)
             waited = wait_for_idle(args.wait_idle)
             base = build(case, device, low_rank=True)
             runners = [make_runner(m, case, device, base, svd_on=args.svd_on) for m in methods]
