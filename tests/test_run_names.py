@@ -134,3 +134,14 @@ def test_dense_runs_print_no_tau(tmp_path, monkeypatch, capsys):
     assert folder.name.startswith("lenet5-synthetic-dense-tau0.15-seed0")  # the name stays: sweeps find their runs
     said = err.replace(folder.name, "")
     assert "ϑ" not in said and "tau" not in said and "1 dense epoch," in said, err
+
+
+def test_a_name_too_long_for_the_file_system_is_shortened_and_stays_distinct():
+    many = ["data=synthetic", "data.n_train=1001", "data.n_val=1002", "data.n_test=1003", "data.noise=0.123456789",
+            "epochs=7", "batch_size=77", "optim.momentum=0.123456789", "scheduler.name=plateau",
+            "scheduler.factor=0.123456789", "scheduler.patience=17", "method.r_min=3", "method.r_max=33",
+            "method.state_policy=reset", "model.rank=[3,4,5]", "selection=final", "precision=bf16",
+            "data.input_shape=[1,32,32]", "data.num_classes=7"]
+    first, second = name_of(many), name_of([*many, "seed=1"])
+    assert len(first.encode()) <= 255 and len(second.encode()) <= 255 and first != second
+    assert first.startswith("lenet5-synthetic-adaptive-tau0.15-seed0_")
