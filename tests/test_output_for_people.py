@@ -110,3 +110,15 @@ def test_a_table_header_says_with_what(tmp_path):
     lines = provenance(Experiment(tmp_path, [run], [], []), protocol, []).splitlines()
     said = lines.index(next(line for line in lines if line.endswith("with:")))
     assert lines[said + 1] == "```"  # the commands follow "with:"
+
+
+def test_archived_fc_rows_are_not_joined_with_this_codes_runs():
+    from dlrt.report import plots
+
+    row = {"method": "adaptive", "width": 500, "paper_test_acc": float("nan"), "paper_eval_params": float("nan"),
+           "n_seeds": 1, "test_acc_std": 0.1}
+    frame = pd.DataFrame([{**row, "tau": 0.09, "eval_params_honest": 1000, "test_acc_mean": 98.0, "source": None},
+                          {**row, "tau": 0.17, "eval_params_honest": 500, "test_acc_mean": 97.0, "source": "archive"}])
+    figure = plots.fc_accuracy_vs_params({"fc500_mnist": frame})
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert "w = 500, ours" in labels and "w = 500, ours, archived rows" in labels

@@ -157,11 +157,17 @@ def fc_accuracy_vs_params(frames: dict[str, pd.DataFrame]):
         ours = with_runs(frame)
         if ours is None:
             continue
-        low_rank, dense = ours[ours["method"] == "adaptive"].sort_values("eval_params_honest"), ours[ours["method"] == "dense"]
-        ax.errorbar(low_rank["eval_params_honest"], low_rank["test_acc_mean"], yerr=low_rank["test_acc_std"].fillna(0),
-                    marker="o", capsize=3, color=color, label=f"w = {width}, ours")
-        ax.scatter(dense["eval_params_honest"], dense["test_acc_mean"], marker="*", s=150, color=color, zorder=3,
-                   label=f"w = {width}, dense (ours)")
+        archived = ours["source"].notna() if "source" in ours else pd.Series(False, index=ours.index)
+        for rows, kind, fill in ((ours[~archived], "ours", color), (ours[archived], "ours, archived rows", "none")):
+            if not len(rows):  # archived rows are a line of their own: never joined with this code's runs
+                continue
+            low_rank = rows[rows["method"] == "adaptive"].sort_values("eval_params_honest")
+            dense = rows[rows["method"] == "dense"]
+            ax.errorbar(low_rank["eval_params_honest"], low_rank["test_acc_mean"],
+                        yerr=low_rank["test_acc_std"].fillna(0), marker="o", capsize=3, color=color,
+                        markerfacecolor=fill, linestyle="-" if fill != "none" else ":", label=f"w = {width}, {kind}")
+            ax.scatter(dense["eval_params_honest"], dense["test_acc_mean"], marker="*", s=150, edgecolors=color,
+                       facecolors=fill, zorder=3, label=f"w = {width}, dense ({kind})")
     ax.set_xscale("log")
     ax.set(xlabel="parameters at evaluation (honest count, biases not counted)", ylabel="test accuracy (%)",
            title="5-layer FC / MNIST: accuracy against size")
