@@ -102,7 +102,7 @@ def test_a_hand_edited_config_is_refused_in_one_line(tmp_path, monkeypatch, caps
     (config,) = tmp_path.glob("runs/*/config.yaml")
     config.write_text(config.read_text().replace("tau: 0.15", "tau: 0.3"))
     (config.parent / "summary.json").unlink()  # an unfinished run: the command would resume it
-    code, err = run_in_process([*QUICK, "tau=0.15", "out_dir=runs", "threads=2"], tmp_path, monkeypatch, capsys)
+    code, err = run_in_process([*QUICK, "tau=0.15", "out_dir=runs", "eval_batch_size=32"], tmp_path, monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "tau=0.3 in its config.yaml, 0.15 in this command" in err
     assert not (config.parent / "summary.json").exists()
