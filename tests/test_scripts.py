@@ -66,7 +66,7 @@ def test_count_ops_sees_the_gpu_path_skip_the_cpus_checks():
 def test_gpu_checks_packs_every_suite_even_when_one_fails(tmp_path):
     """--quick runs it on the CPU; a timing study stopped at its time limit fails, and the rest still comes back."""
     # one thread and a generous limit for the suites that must finish: a busy machine slows them, never fails them
-    env = {**os.environ, "PYTHON": sys.executable, "RANKS": "2,4", "TIMING_SECONDS": "1", "BENCH_SECONDS": "500",
+    env = {**os.environ, "PYTHON": sys.executable, "RANKS": "2,4", "TIMING_SECONDS": "1", "STEPS_SECONDS": "500",
            "MEMORY_SECONDS": "500"}
     result = subprocess.run(["bash", str(SCRIPTS / "gpu_checks.sh"), str(tmp_path / "out"), "--quick", "--threads", "1"],
                             cwd=SCRIPTS.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -75,9 +75,10 @@ def test_gpu_checks_packs_every_suite_even_when_one_fails(tmp_path):
     assert "timing study: exit status 124" in log  # the failure is said, not hidden
     listing = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "gpu_bench.tar.gz")], capture_output=True,
                              text=True, check=True).stdout.split()
-    assert {f"./{suite}.{ext}" for suite in ("steps", "breakdown", "linalg", "memory")
-            for ext in ("csv", "txt")} <= set(listing)
-    assert "./capture/capture.csv" in listing  # the capture probe (on a CPU it checks only its own checks)
+    assert {f"./{suite}.{ext}" for suite in ("steps", "memory") for ext in ("csv", "txt")} <= set(listing)
+    subprocess.run(["tar", "-xzf", str(tmp_path / "out" / "gpu_bench.tar.gz"), "-C", str(tmp_path), "./steps.txt"],
+                   check=True)
+    assert "adaptive_k10" in (tmp_path / "steps.txt").read_text()  # issue 26: k = 10 beside k = 1
 
 
 def test_profile_step_times_then_profiles_a_small_timing_study():
