@@ -433,19 +433,28 @@ def test_two_folders_of_the_same_run_count_once(tmp_path):
     assert dense["n_seeds"] == 2 and dense["test_acc_mean"] == pytest.approx((90.0 + 98.9) / 2)
 
 
-def test_a_run_at_another_basis_every_gets_a_row_of_its_own(tmp_path):
-    """Configs written before method.basis_every existed hold its default (1): a k = 10 run beside them is not
-    averaged into the paper's row (it was, when only present values could differ)."""
+def test_a_key_older_runs_lack_holds_its_default_when_runs_are_grouped():
+    """Configs written before method.basis_every existed hold its default (1): a k = 10 run beside them gets a label
+    of its own, and the k = 1 runs none (before, only present values could differ: all three were averaged)."""
+    from dlrt.report.runs import Run, settings_labels
+
+    old = {"method.name": "adaptive", "tau": 0.15, "method.r_min": 2}
+    runs = [Run("old0", old, {}, None), Run("old1", old, {}, None),
+            Run("k10", {**old, "method.basis_every": 10}, {}, None), Run("k1", {**old, "method.basis_every": 1}, {}, None)]
+    assert settings_labels(runs) == {"old0": "", "old1": "", "k10": "method.basis_every=10", "k1": ""}
+
+
+def test_the_basis_every_study_has_a_table_of_its_own_beside_k_1(tmp_path):
     epochs = [(0.5, 97.0, [9, 16, 28]), (0.4, 98.0, [9, 16, 28])]
-    for seed in (0, 1):
-        write_run(tmp_path, "lenet5_mnist", f"lenet5-mnist-adaptive-tau0.15-seed{seed}",
-                  config("lenet5", "adaptive", 0.15, seed, 2), epochs)
-    every_10 = config("lenet5", "adaptive", 0.15, 0, 2)
-    every_10["method"]["basis_every"] = 10
-    write_run(tmp_path, "lenet5_mnist", "lenet5-mnist-adaptive-tau0.15-seed0_method.basis_every=10", every_10,
-              [(0.6, 90.0, [9, 16, 28]), (0.5, 91.0, [9, 16, 28])])
+    for seed, k in ((0, 1), (1, 1), (0, 10), (1, 10)):
+        cfg = config("lenet5", "adaptive", 0.15, seed, 2)
+        cfg["model"]["init"] = "authors"
+        if k > 1:
+            cfg["method"]["basis_every"] = k
+        write_run(tmp_path, "lenet5_mnist", f"lenet5-mnist-adaptive-tau0.15-seed{seed}_k{k}", cfg, epochs)
     assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    table = pd.read_csv(tmp_path / "out" / "tables" / "lenet5_mnist.csv")
-    rows = table[(table["method"] == "adaptive") & (table["tau"] == 0.15) & (table["n_seeds"] > 0)]
-    rows = rows.fillna({"settings": ""})
-    assert sorted(zip(rows["settings"], rows["n_seeds"])) == [("", 2), ("method.basis_every=10", 1)]
+    study = pd.read_csv(tmp_path / "out" / "tables" / "basis_every.csv")
+    assert list(zip(study["basis_every"], study["n_seeds"])) == [(1, 2), (10, 2)]
+    assert study["paper_test_acc"].tolist() == ["98.1 ± 0.33"] * 2
+    lenet5 = pd.read_csv(tmp_path / "out" / "tables" / "lenet5_mnist.csv")
+    assert lenet5[lenet5["tau"] == 0.15]["n_seeds"].max() == 2  # the k = 10 runs are not in the paper's table
