@@ -30,7 +30,7 @@ class UserError(RuntimeError):
 
 
 class RunFailed(RuntimeError):
-    """Training failed (the loss diverged); the run folder says so: exit 1."""
+    """Training failed (the loss diverged, or a factorisation of the step did); the run folder says so: exit 1."""
 
 
 def run_job(cfg: DictConfig) -> dict | None:
@@ -79,7 +79,7 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 
 def _find_folder(cfg: DictConfig) -> RunFolder:
-    """The run's folder: the one named by run_name, or, where only that exists, the one an older version named."""
+    """The run's folder: the one run_name names, or, when only an older version's name for the run exists, that one."""
     names = folder_names(cfg, run_name(cfg))
     existing = [name for name in names if (Path(cfg.out_dir) / name).is_dir()]
     return RunFolder(Path(cfg.out_dir) / (existing or names)[0])
