@@ -1,6 +1,6 @@
 """dlrt-bench: time DLRT training steps and inference against dense training, in one process.
 
-    dlrt-bench                                # every suite, default sizes, results/bench/
+    dlrt-bench                                # every suite, default sizes, into bench_out/ (--out results/bench: the committed files)
     python -m dlrt.bench --suite steps --device cuda
     python -m dlrt.bench --quick --out /tmp/b # seconds: tiny sizes, for tests
 

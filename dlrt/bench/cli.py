@@ -114,6 +114,8 @@ def parse_args(argv):
     p.add_argument("--basis-every", type=_int_list, default=[1],
                    help="steps and timing study: also time each rank-adaptive method at basis_every = k for each k "
                         "given (a basis step every k-th batch; its time per step is the mean over a whole cycle)")
+    p.add_argument("--memory-cases", type=lambda text: [c for c in text.split(",") if c], default=[],
+                   help="memory suite: only the cases whose names start with one of these (timing_study_r320,lenet5)")
     p.add_argument("--imagenet-batch", type=int, default=0,
                    help="steps suite: also ResNet-50 at ImageNet shapes with this batch (dense and adaptive; 0: not)")
     p.add_argument("--svd-on", choices=SVD_PLACES, default="auto",

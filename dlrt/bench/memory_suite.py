@@ -98,7 +98,9 @@ def memory_rows(case: MemoryCase, method: str, optimizer: str, device: torch.dev
 
 def run(args, device, meta) -> list[dict]:
     rows = []
-    for case in memory_cases(device, args.quick):
+    cases = [case for case in memory_cases(device, args.quick)
+             if not args.memory_cases or case.name.startswith(tuple(args.memory_cases))]
+    for case in cases:
         for optimizer in ("sgd", "adam"):
             dense_peak = math.nan
             for method in with_basis_every(case.methods, args.basis_every):

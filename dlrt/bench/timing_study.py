@@ -4,6 +4,7 @@ reference; where each method stops being faster than dense (`crossover`), and a 
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def crossover(rows: list[dict], method: str, phase: str, key: str = "ratio_to_de
 
 
 def _trained_methods(rows: list[dict]) -> list[str]:
-    return [m for m in (*TIMING_METHODS, "adaptive_graphed") if any(r["method"] == m for r in rows)]
+    """Every low-rank method trained, basis_every variants (adaptive_k10) included, in the order first timed."""
+    return list(dict.fromkeys(r["method"] for r in rows if r["phase"] == "train" and r["method"] != "dense"))
 
 
 def report(rows: list[dict], args, meta: Meta, say) -> None:
@@ -128,7 +130,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, phase, methods in ((axes[0], "train", _trained_methods(rows)), (axes[1], "infer", ("low_rank",))):
         failures = []
-        for method, marker in zip(methods, ("o", "s", "^")):
+        for method, marker in zip(methods, itertools.cycle(("o", "s", "^", "v", "D"))):
             mine = [r for r in rows if r["method"] == method and r["phase"] == phase]
             pts = sorted((r["rank"], r["median_ms"]) for r in mine if r["median_ms"] == r["median_ms"])
             failures += [f"{method} r={r['rank']}: {r['error'].split(': ', 1)[-1][:70]}" for r in mine if r.get("error")]
