@@ -21,6 +21,24 @@ from .distributed import all_reduce_mean, world_size
 from .groups import rule_key
 from .update_rules import change_basis, lift_state, make_rule
 
+# A low-rank group's count of the steps since its last basis step: bookkeeping, saved with the groups (so that a
+# resumed run continues its cycle) but no hyperparameter (dlrt.graphs keys its graphs on the step's kind instead).
+BASIS_CLOCK = "basis_clock"
+
+
+def check_basis_every(value, method: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"basis_every must be an integer >= 1 (1: a basis step every batch, the paper's), got {value!r}")
+    if value > 1 and method != "adaptive":
+        raise ValueError(f"basis_every={value} applies to method='adaptive' (the rank-adaptive step), not to "
+                         f"method={method!r}: leave it at 1")
+
+
+def is_basis_step(group: dict) -> bool:
+    """Whether the group's next step is a basis step (truncate, new directions, S-step at the augmented bases), not
+    a coefficient step (S and the dense parameters only)."""
+    return group[BASIS_CLOCK] % group["basis_every"] == 0
+
 
 @torch.no_grad()
 def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> None:

@@ -40,7 +40,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import functional as fns
-from .optim import BASIS_CLOCK, LOW_RANK_KEYS, DLRTOptimizer, is_basis_step
+from .basis_cycle import BASIS_CLOCK, is_basis_step
+from .optim import LOW_RANK_KEYS, DLRTOptimizer
 
 
 class GraphedStep:

@@ -11,9 +11,9 @@ factorised training W = U V^T, the paper's naive baseline; the singular values a
 construction; s_only sets requires_grad=False on U and V, so the backward skips their gradients).
 
 As in torch.optim, every hyperparameter lives in `param_groups`: lr, tau (ϑ), absolute_tau, r_min, r_max,
-state_policy, basis_every and the update rule's (optimizer: sgd, with momentum, or adam, with betas and eps; as in
-torch's SGD and Adam a group holds its rule's keys only, so torch's schedulers cycle momentum or beta1 as there). A group holds low-rank
-layers ("layers") and their current factors ("params"); per-group values are honoured, so convs and linears
+state_policy, basis_every (dlrt.basis_cycle) and the update rule's (optimizer: sgd, with momentum, or adam, with
+betas and eps; as in torch's SGD and Adam a group holds its rule's keys only, so torch's schedulers cycle momentum or
+beta1 as they do there). A group holds low-rank layers ("layers") and their current factors ("params"); per-group values are honoured, so convs and linears
 can have their own ϑ, and a scheduler can drive any of them. The parameters that are not low-rank (biases,
 dense layers, norms) are stepped once per batch, with the S-step, by an ordinary torch optimizer
 (`dense_optimizer`, by default the same rule with the same lr), whose groups follow the low-rank ones in
@@ -51,6 +51,7 @@ from torch import nn
 
 from . import basis_cycle
 from . import functional as fns
+from .basis_cycle import BASIS_CLOCK, check_basis_every, is_basis_step
 from . import linalg
 from .conversion import check_not_merged
 from .distributed import all_reduce_mean, broadcast_buffers, world_size
@@ -66,23 +67,6 @@ SVD_PLACES = ("auto", "device", "host")
 # (results/bench/gpu/README.md).
 HOST_SVD_MAX_SIZE = 128
 LOW_RANK_KEYS = ("layers", "params")  # the keys of a low-rank group that are not hyperparameters
-# A low-rank group's count of the steps since its last basis step: bookkeeping, saved with the groups (so that a
-# resumed run continues its cycle) but no hyperparameter (dlrt.graphs keys its graphs on the step's kind instead).
-BASIS_CLOCK = "basis_clock"
-
-
-def check_basis_every(value, method: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"basis_every must be an integer >= 1 (1: a basis step every batch, the paper's), got {value!r}")
-    if value > 1 and method != "adaptive":
-        raise ValueError(f"basis_every={value} applies to method='adaptive' (the rank-adaptive step), not to "
-                         f"method={method!r}: leave it at 1")
-
-
-def is_basis_step(group: dict) -> bool:
-    """Whether the group's next step is a basis step (new directions, S-step at the augmented bases, truncation),
-    not a coefficient step (S and the dense parameters only)."""
-    return group[BASIS_CLOCK] % group["basis_every"] == 0
 
 
 class DLRTOptimizer(torch.optim.Optimizer):
