@@ -62,28 +62,34 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def load_experiment(runs_dir: Path, name: str) -> Experiment:
-    folder = Path(runs_dir) / name
-    experiment = Experiment(folder, [], [], [])
-    for path in sorted(p for p in folder.glob("*") if p.is_dir()):
-        run = RunFolder(path)
+def load_runs(paths: list[Path], where: Path) -> Experiment:
+    """Run folders as the tables see them: completed, failed, unfinished (no summary.json) or unreadable."""
+    experiment = Experiment(where, [], [], [])
+    for path in paths:
+        folder = RunFolder(path)
         try:
-            summary = run.summary()
+            summary = folder.summary()
             if summary is None:
                 experiment.unfinished.append(path.name)
                 continue
-            config = flatten(run.config())
+            config = flatten(folder.config())
             if summary["status"] == "completed":
-                experiment.completed.append(Run(path.name, config, summary, run.epochs()))
+                experiment.completed.append(Run(path.name, config, summary, folder.epochs()))
             else:
                 experiment.failed.append(Run(path.name, config, summary, None))
         except (RunFolderError, KeyError) as e:
             experiment.unreadable.append(f"{path.name}: {e}")
+    for entry in experiment.unreadable:
+        print(f"dlrt-tables: {where}: skipping an unreadable run folder, {entry}", file=sys.stderr)
+    return experiment
+
+
+def load_experiment(runs_dir: Path, name: str) -> Experiment:
+    folder = Path(runs_dir) / name
+    experiment = load_runs(sorted(p for p in folder.glob("*") if p.is_dir()), folder)
     if experiment.unfinished:
         print(f"dlrt-tables: {name}: leaving out {len(experiment.unfinished)} run(s) without summary.json "
               f"(still running?): {', '.join(experiment.unfinished)}", file=sys.stderr)
-    for entry in experiment.unreadable:
-        print(f"dlrt-tables: {name}: skipping an unreadable run folder, {entry}", file=sys.stderr)
     return experiment
 
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from dlrt.experiments.run_folder import RunFolder, RunFolderError
 from dlrt.experiments.runner import NOT_IN_NAME
 
 from .markdown import CONVENTIONS_NOTE, Table, acc_cell, command_lines, epochs_by_method, integer, is_missing, \
     markdown_table, percent, runs_cell, text
-from .runs import Experiment, Run, count_runs, flatten, method_order, selected_columns
+from .runs import Experiment, Run, count_runs, load_runs, method_order, selected_columns
 
 NOT_SETTINGS = set(NOT_IN_NAME) | {"seed"}  # a row averages over seeds; these change nothing computed
 TRUNCATING = ("adaptive", "parallel")  # the methods ϑ means something to
@@ -45,28 +44,6 @@ def sweep_folders(runs_dir: Path, skip=()) -> dict[str, list[Path]]:
             continue
         folders["sweep_" + "_".join(where or [runs_dir.resolve().name])].append(config.parent)
     return dict(folders)
-
-
-def load_runs(paths: list[Path], where: Path) -> Experiment:
-    """The run folders as the tables see them: completed, failed, unfinished (no summary.json) or unreadable."""
-    experiment = Experiment(where, [], [], [])
-    for path in paths:
-        folder = RunFolder(path)
-        try:
-            summary = folder.summary()
-            if summary is None:
-                experiment.unfinished.append(path.name)
-                continue
-            config = flatten(folder.config())
-            if summary["status"] == "completed":
-                experiment.completed.append(Run(path.name, config, summary, folder.epochs()))
-            else:
-                experiment.failed.append(Run(path.name, config, summary, None))
-        except (RunFolderError, KeyError) as e:
-            experiment.unreadable.append(f"{path.name}: {e}")
-    for entry in experiment.unreadable:
-        print(f"dlrt-tables: {where}: skipping an unreadable run folder, {entry}", file=sys.stderr)
-    return experiment
 
 
 def setting_keys(runs: list[Run]) -> list[str]:
