@@ -5,7 +5,8 @@ Between two basis steps the layer keeps the augmented bases [U, Ũ], [V, Ṽ] of
 steps train the 2r x 2r core in them, as the authors' later code does (RobustDLRT, `num_local_iter`): the new
 directions of one batch get k - 1 steps of training before the truncation judges them. Where the truncation falls
 differs: RobustDLRT truncates after the cycle's last S-step, here it opens the next basis step, so that no step
-between two basis steps needs an SVD or the host. The gradient of the basis step is taken before that truncation,
+between two basis steps needs an SVD or the host, and the factors keep their shapes from cycle to cycle (2r1, while
+r1 holds), so that the CUDA graphs of both kinds of step are replayed, not dropped at every truncation. The gradient of the basis step is taken before that truncation,
 at a weight that differs from the truncated one by the dropped tail (at most ϑ ‖S‖): the step projects it onto the
 truncated bases (G V1 = (G V) Q1, G^T U1 = (G^T U) P1, U1^T G V1 = P1^T (U^T G V) Q1), as exactly as a gradient
 taken at the truncated weight would be up to that difference.
