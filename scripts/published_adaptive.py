@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from published_fixed_rank import CLASSIFIER, LOW_RANK_LAYERS, import_published, their_step
+from published_fixed_rank import CLASSIFIER, LOW_RANK_LAYERS, import_published, paired_steps, their_step
 from dlrt import DLRTOptimizer
 from dlrt.experiments.data import load_data
 from dlrt.experiments.models import build_model
@@ -194,38 +194,22 @@ def same_start(args) -> None:
         ours[CLASSIFIER].bias.copy_(theirs.layer[CLASSIFIER].bias)
     their_optimizer = dlr_opt(theirs, tau=LR, theta=args.tau, KLS_optim=torch.optim.SGD)
     our_optimizer = DLRTOptimizer(ours, lr=LR, tau=args.tau, method="adaptive")
-    x, y = data.train.x, data.train.y
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     print("step  loss (theirs)  loss (dlrt)  ranks (theirs)  ranks (dlrt)  "
           "|W_dlrt - W_theirs| / |W_theirs|: conv1 conv2 fc1 classifier")
-    for step in range(args.steps):
-        batch = order[step * BATCH:(step + 1) * BATCH]
-        xb, yb = x[batch], y[batch]
-        their_loss = their_step(theirs, their_optimizer, xb, yb)
-        our_loss = []
-
-        def closure():
-            our_optimizer.zero_grad()
-            loss = F.cross_entropy(ours(xb), yb)
-            our_loss.append(loss.item())
-            loss.backward()
-            return loss
-
-        our_optimizer.step(closure)
-        if step < 4 or step % args.every == 0 or step == args.steps - 1:
-            with torch.no_grad():
-                diffs = []
-                for i in LOW_RANK_LAYERS + (CLASSIFIER,):
-                    layer = theirs.layer[i]
-                    if i == CLASSIFIER:
-                        w_theirs, w_ours = layer.weight, ours[i].weight
-                    else:
-                        r = layer.dynamic_rank
-                        w_theirs = layer.U[:, :r] @ layer.S_hat[:r, :r] @ layer.V[:, :r].T
-                        w_ours = ours[i].dense_matrix()
-                    diffs.append(f"{float((w_ours - w_theirs).norm() / w_theirs.norm()):.1e}")
-            print(f"{step:4d}  {their_loss:13.5f}  {our_loss[0]:11.5f}  {str(their_ranks(theirs)):>14}  "
-                  f"{str(our_optimizer.ranks()):>12}  {' '.join(diffs)}", flush=True)
+    for step, their_loss, our_loss in paired_steps(theirs, their_optimizer, ours, our_optimizer, data, args):
+        with torch.no_grad():
+            diffs = []
+            for i in LOW_RANK_LAYERS + (CLASSIFIER,):
+                layer = theirs.layer[i]
+                if i == CLASSIFIER:
+                    w_theirs, w_ours = layer.weight, ours[i].weight
+                else:
+                    r = layer.dynamic_rank
+                    w_theirs = layer.U[:, :r] @ layer.S_hat[:r, :r] @ layer.V[:, :r].T
+                    w_ours = ours[i].dense_matrix()
+                diffs.append(f"{float((w_ours - w_theirs).norm() / w_theirs.norm()):.1e}")
+        print(f"{step:4d}  {their_loss:13.5f}  {our_loss:11.5f}  {str(their_ranks(theirs)):>14}  "
+              f"{str(our_optimizer.ranks()):>12}  {' '.join(diffs)}", flush=True)
 
 
 def their_files_rows(repo: str, tau: float) -> list[tuple[float, str]]:

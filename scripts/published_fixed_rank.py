@@ -126,9 +126,19 @@ def same_start(args) -> None:
 
     their_w = lambda m, i: m.layer[i].weight if i == CLASSIFIER else m.layer[i].U @ m.layer[i].S_hat @ m.layer[i].V.T
     our_w = lambda m, i: m[i].weight if i == CLASSIFIER else m[i].U @ m[i].S @ m[i].V.T
+    print("step  loss (theirs)  loss (dlrt)  |W_dlrt - W_theirs| / |W_theirs|: conv1 conv2 fc1 classifier")
+    for step, their_loss, our_loss in paired_steps(theirs, their_optimizer, ours, our_optimizer, data, args):
+        with torch.no_grad():
+            pairs = zip(weights(ours, our_w), weights(theirs, their_w))
+            diffs = " ".join(f"{float((a - b).norm() / b.norm()):.1e}" for a, b in pairs)
+        print(f"{step:4d}  {their_loss:13.5f}  {our_loss:11.5f}  {diffs}", flush=True)
+
+
+def paired_steps(theirs, their_optimizer, ours, our_optimizer, data, args):
+    """Their step and dlrt's on the same batches (the seed's order of the training set), `args.steps` of them;
+    yields (step, their loss, our loss) at the steps to print: the first four, every `args.every`, the last."""
     x, y = data.train.x, data.train.y
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    print("step  loss (theirs)  loss (dlrt)  |W_dlrt - W_theirs| / |W_theirs|: conv1 conv2 fc1 classifier")
     for step in range(args.steps):
         batch = order[step * BATCH:(step + 1) * BATCH]
         xb, yb = x[batch], y[batch]
@@ -144,10 +154,7 @@ def same_start(args) -> None:
 
         our_optimizer.step(closure)
         if step < 4 or step % args.every == 0 or step == args.steps - 1:
-            with torch.no_grad():
-                pairs = zip(weights(ours, our_w), weights(theirs, their_w))
-                diffs = " ".join(f"{float((a - b).norm() / b.norm()):.1e}" for a, b in pairs)
-            print(f"{step:4d}  {their_loss:13.5f}  {first[0]:11.5f}  {diffs}", flush=True)
+            yield step, their_loss, first[0]
 
 
 def summary(args) -> None:

@@ -29,6 +29,15 @@ def batch_for(model: nn.Module, n: int = 16, seed: int = 0, dtype=torch.float64)
     return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
 
 
+def plain_step(model, opt, x, y) -> float:
+    """zero_grad, cross-entropy, backward, step: one training step as a torch loop takes it; the loss."""
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def seeded(factory, seed: int = 0, dtype=torch.float64):
     """A model built with `dtype` as the default, so its factors are orthonormal to that precision."""
     torch.manual_seed(seed)

@@ -12,15 +12,7 @@ from torch import nn
 from dlrt import DLRTOptimizer, low_rank_layers
 from dlrt.graphs import GraphedStep, ReplayGraphs
 
-from helpers import batch_for, pin_ranks, seeded, small_cnn, small_mlp
-
-
-def train_step(model, opt, x, y) -> float:
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
+from helpers import batch_for, pin_ranks, plain_step, seeded, small_cnn, small_mlp
 
 
 def snapshot(model) -> list[torch.Tensor]:
@@ -77,7 +69,7 @@ def test_a_coefficient_step_is_the_plain_s_step_of_the_same_point():
     parameters take a plain SGD step."""
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.3, tau=0.1, basis_every=4)
-    train_step(model, opt, *batch_for(model, seed=0))  # the basis step
+    plain_step(model, opt, *batch_for(model, seed=0))  # the basis step
     x, y = batch_for(model, seed=1)
     layers = low_rank_layers(model)
     weights = [layer.dense_matrix().detach().clone().requires_grad_() for layer in layers]
@@ -92,7 +84,7 @@ def test_a_coefficient_step_is_the_plain_s_step_of_the_same_point():
                   for layer, dense_layer in zip(layers, (dense_model[0], dense_model[2]))]
     expected_last = model[4].weight.detach() - 0.3 * dense_model[4].weight.grad
     ranks = opt.ranks()
-    train_step(model, opt, x, y)
+    plain_step(model, opt, x, y)
     assert opt.ranks() == ranks
     for layer, S in zip(layers, expected_S):
         torch.testing.assert_close(layer.S.detach(), S)
@@ -107,7 +99,7 @@ def test_basis_every_one_is_the_step_without_it_bit_for_bit(factory):
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, lr=1.0, tau=0.1, optimizer="adam", **kwargs)
         for n in range(5):
-            train_step(copy_, opt, *batch_for(copy_, seed=n))
+            plain_step(copy_, opt, *batch_for(copy_, seed=n))
         runs.append(snapshot(copy_))
     assert all(torch.equal(p, q) for p, q in zip(*runs))
 
@@ -121,7 +113,7 @@ def test_a_run_resumed_in_the_middle_of_a_cycle_continues_bit_identically(optimi
     straight = copy.deepcopy(model)
     opt = make(straight)
     for n, batch in enumerate(batches):
-        train_step(straight, opt, *batch)
+        plain_step(straight, opt, *batch)
         if n == 5:  # two steps into the second cycle
             saved = copy.deepcopy((straight.state_dict(), opt.state_dict()))
     resumed = copy.deepcopy(model)
@@ -130,7 +122,7 @@ def test_a_run_resumed_in_the_middle_of_a_cycle_continues_bit_identically(optimi
     opt.load_state_dict(saved[1])
     assert opt.param_groups[0]["basis_clock"] == 2
     for batch in batches[6:]:
-        train_step(resumed, opt, *batch)
+        plain_step(resumed, opt, *batch)
     assert all(torch.equal(p, q) for p, q in zip(snapshot(straight), snapshot(resumed)))
 
 
@@ -164,7 +156,7 @@ def test_graphed_cycles_train_exactly_like_eager_ones(optimizer, tau, grow_ranks
         for n, (x, y) in enumerate(batches):
             if n == grow_ranks_at:
                 pin_ranks(opt, opt.ranks(), [r + 1 for r in opt.ranks()])
-            losses.append(step(x, y)[0].item() if graphed else train_step(copy_, opt, x, y))
+            losses.append(step(x, y)[0].item() if graphed else plain_step(copy_, opt, x, y))
         runs[graphed] = (snapshot(copy_), losses, opt.ranks())
         if graphed:
             whole = [graphs for graphs in step._captured.values() if graphs.whole_step]
@@ -182,7 +174,7 @@ def test_at_lr_zero_and_tau_zero_cycles_and_truncate_leave_every_weight_unchange
     opt = DLRTOptimizer(model, lr=0.0, tau=0.0, basis_every=3)
     start = weights(model)
     for n in range(7):
-        train_step(model, opt, *batch_for(model, seed=n))
+        plain_step(model, opt, *batch_for(model, seed=n))
     opt.truncate()
     for w0, w1 in zip(start, weights(model)):
         torch.testing.assert_close(w1, w0)
@@ -194,10 +186,10 @@ def test_the_basis_step_of_a_cycle_is_the_galerkin_step_at_the_augmented_bases()
     model = seeded(small_mlp)
     opt = DLRTOptimizer(model, lr=0.3, tau=0.0, basis_every=4)
     for n in range(4):  # a whole cycle: the layers are augmented and their cores trained
-        train_step(model, opt, *batch_for(model, seed=n))
+        plain_step(model, opt, *batch_for(model, seed=n))
     x, y = batch_for(model, seed=9)
     start, grads = weights(model), dense_gradients(model, x, y)
-    train_step(model, opt, x, y)
+    plain_step(model, opt, x, y)
     for layer, w0, G in zip(low_rank_layers(model), start, grads):
         U, V = layer.U.detach(), layer.V.detach()
         torch.testing.assert_close(layer.dense_matrix().detach(), w0 - 0.3 * U @ U.T @ G @ V @ V.T)
@@ -231,6 +223,6 @@ def test_a_layer_by_layer_cycle_equals_the_batched_one():
         copy_ = copy.deepcopy(model)
         opt = DLRTOptimizer(copy_, lr=0.1, tau=0.1, basis_every=3, layerwise=layerwise)
         for n in range(7):
-            train_step(copy_, opt, *batch_for(copy_, seed=n))
+            plain_step(copy_, opt, *batch_for(copy_, seed=n))
         runs.append(snapshot(copy_))
     assert all(torch.equal(p, q) for p, q in zip(*runs))

@@ -15,7 +15,7 @@ from dlrt.experiments import train as trainer
 from dlrt.experiments.validate import ConfigError, validate
 from dlrt.graphs import GraphedStep, ReplayGraph, ReplayGraphs
 
-from helpers import batch_for, compose_config, pin_ranks, seeded, small_cnn, small_mlp
+from helpers import batch_for, compose_config, pin_ranks, plain_step, seeded, small_cnn, small_mlp
 
 
 def DLRTOptimizer(model, **kwargs):
@@ -61,14 +61,6 @@ def test_what_a_cuda_graph_can_hold_is_captured():
         torch.linalg.solve_triangular(L, torch.eye(3), upper=False)
 
 
-def eager_step(model, opt, x, y) -> float:
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-
 def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: int | None):
     """Eager or graphed steps over the batches; the learning rate halves at one step (a new graph key), and
     the ranks may be allowed to grow by one at another (a new key too: the ranks change in its eager step)."""
@@ -80,7 +72,7 @@ def train(model, opt, batches, graphed: bool, halve_lr_at: int, grow_ranks_at: i
                 group["lr"] *= 0.5
         if n == grow_ranks_at:
             pin_ranks(opt, opt.ranks(), [r + 1 for r in opt.ranks()])
-        losses.append(step(x, y)[0].item() if graphed else eager_step(model, opt, x, y))
+        losses.append(step(x, y)[0].item() if graphed else plain_step(model, opt, x, y))
         ranks.append(opt.ranks())
     return losses, ranks
 
@@ -168,7 +160,7 @@ def test_a_rank_change_found_by_a_replayed_graph_is_finished_eagerly(optimizer):
                     settings[3].add_(1)
                 else:
                     pin_ranks(opt, start, [r + 1 for r in start])
-            losses.append(step(x, y)[0].item() if graphed else eager_step(copy_, opt, x, y))
+            losses.append(step(x, y)[0].item() if graphed else plain_step(copy_, opt, x, y))
         assert opt.ranks() == [r + 1 for r in start]
         runs[graphed] = (copy_, losses)
     torch.testing.assert_close(runs[True][1], runs[False][1])
@@ -216,7 +208,7 @@ def test_a_capture_that_fails_raises_or_falls_back_to_eager_steps():
         return copy_, opt
 
     eager_model, eager_opt = fresh()
-    expected = [eager_step(eager_model, eager_opt, x, y) for x, y in batches]
+    expected = [plain_step(eager_model, eager_opt, x, y) for x, y in batches]
 
     raising = GraphedStep(*fresh(), loss_fn, graphs=ReplayGraphs(), on_failure="raise")
     raising(*batches[0])  # the eager warm-up

@@ -13,7 +13,7 @@ from torch.optim import lr_scheduler as sched
 
 from dlrt import DLRTOptimizer, LowRankLinear
 
-from helpers import batch_for, seeded, small_mlp
+from helpers import batch_for, plain_step, seeded, small_mlp
 
 STEPS = 6
 LR, MOMENTUM = 0.05, 0.9
@@ -84,14 +84,6 @@ def torch_reference(rule: str, make_scheduler, groups: int, metric: float) -> li
     return seen
 
 
-def loss_step(model, opt, x, y) -> float:
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-
 @pytest.mark.parametrize("torch_dense", [False, True], ids=["own dense optimizer", "torch dense optimizer"])
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -112,8 +104,8 @@ def test_scheduler_drives_the_step(name, model_name, torch_dense):
         fresh = make_optimizer(twin_model, rule, lr, momentum, torch_dense)
         fresh.state.update(state)
         fresh.dense_optimizer.state.update(dense_state)
-        loss_step(model, opt, x, y)
-        loss_step(twin_model, fresh, x, y)
+        plain_step(model, opt, x, y)
+        plain_step(twin_model, fresh, x, y)
         for (key, p), q in zip(model.state_dict().items(), twin_model.state_dict().values()):
             torch.testing.assert_close(p, q, msg=f"step {step}: {key} differs from a fresh optimizer's at lr {lr}")
         scheduler.step(metric) if isinstance(scheduler, sched.ReduceLROnPlateau) else scheduler.step()
