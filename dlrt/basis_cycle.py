@@ -46,15 +46,11 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     """step: a functional.LayerStep whose svd is the SVD of the layer's current core; r1: its truncated rank.
     `directions(entries)`: functional.directions, the update rules' directions for (state, gradient, group)."""
     layer, state, group = step.layer, step.state, step.group
-    rule, policy, lr = make_rule(*rule_key(group)), group["state_policy"], group["lr"]
-    P, sigma, Qh = step.svd
-    P1, Q1 = P[:, :r1], Qh[:r1].T
+    P1, sigma1, Q1 = _truncated_svd(step, r1)
     U1, V1 = layer.U.detach() @ P1, layer.V.detach() @ Q1
     grad_K, grad_L = layer.U.grad @ Q1, layer.V.grad @ P1  # G V1, G^T U1
     grad_S = P1.T @ layer.S.grad @ Q1  # U1^T G V1
-    state["K"] = change_basis(state["K"], rule, policy, None, Q1)
-    state["L"] = change_basis(state["L"], rule, policy, None, P1)
-    state["S"] = change_basis(state["S"], rule, policy, P1, Q1)
+    _move_states(step, P1, Q1)
     dK, dL = directions([(state["K"], grad_K, group), (state["L"], grad_L, group)])
     count = ig.augmentation_size(r1, layer.out_dim, layer.in_dim)
     U_new, V_new = linalg.new_directions_of_many([U1, V1], [dK, dL], [count, count], projected=checked_shortcuts)
@@ -70,8 +66,8 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     (dS,) = directions([(state["S"], grad, group)])
     # K's state has V's columns, L's U's: the new directions start with none
     state["K"], state["L"] = lift_columns(state["K"], size), lift_columns(state["L"], size)
-    layer.set_factors(torch.cat([U1, U_new], dim=1), ig.augmented_core(torch.diag(sigma[:r1]), size) - lr * dS,
-                      torch.cat([V1, V_new], dim=1))
+    core = ig.augmented_core(torch.diag(sigma1), size) - group["lr"] * dS
+    layer.set_factors(torch.cat([U1, U_new], dim=1), core, torch.cat([V1, V_new], dim=1))
 
 
 def lift_columns(state: dict, size: int) -> dict:
@@ -80,17 +76,24 @@ def lift_columns(state: dict, size: int) -> dict:
 
 
 @torch.no_grad()
-def truncate(layer, state: dict, group: dict, bounds: tuple[int, int]) -> None:
-    """Truncate a layer between basis steps (DLRTOptimizer.truncate: before an evaluation or an export), as the
-    next basis step would: the SVD of its core, the rank by ϑ and the bounds, the states into the new bases."""
-    P, sigma, Qh = linalg.svd(layer.S.detach())
-    tau = torch.tensor([group["tau"]], dtype=torch.float64, device=sigma.device)
-    relative = torch.tensor([not group["absolute_tau"]], device=sigma.device)
-    r_min, r_max = (torch.tensor([bound], device=sigma.device) for bound in bounds)
-    r1 = int(ig.truncation_rank_tensor([sigma], tau, relative, r_min, r_max)[0])
-    P1, Q1 = P[:, :r1], Qh[:r1].T
+def truncate(step, r1: int) -> None:
+    """Truncate a layer between basis steps (DLRTOptimizer.truncate: before an evaluation or an export) to rank r1,
+    as the next basis step would: step.svd is the SVD of its core; the states move into the new bases."""
+    P1, sigma1, Q1 = _truncated_svd(step, r1)
+    step.layer.set_factors(step.layer.U.detach() @ P1, torch.diag(sigma1), step.layer.V.detach() @ Q1)
+    _move_states(step, P1, Q1)
+
+
+def _truncated_svd(step, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P1, σ1, Q1: the leading r1 singular vectors and values of the core (its SVD is step.svd)."""
+    P, sigma, Qh = step.svd
+    return P[:, :r1], sigma[:r1], Qh[:r1].T
+
+
+def _move_states(step, P1: torch.Tensor, Q1: torch.Tensor) -> None:
+    """K's state has V's columns, L's U's, S's both: into the truncated bases U P1, V Q1."""
+    state, group = step.state, step.group
     rule, policy = make_rule(*rule_key(group)), group["state_policy"]
-    layer.set_factors(layer.U.detach() @ P1, torch.diag(sigma[:r1]), layer.V.detach() @ Q1)
     state["K"] = change_basis(state["K"], rule, policy, None, Q1)
     state["L"] = change_basis(state["L"], rule, policy, None, P1)
     state["S"] = change_basis(state["S"], rule, policy, P1, Q1)

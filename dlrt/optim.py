@@ -233,12 +233,17 @@ class DLRTOptimizer(torch.optim.Optimizer):
         bases of the last one (about twice their rank; dlrt.basis_cycle): before an evaluation, a checkpoint one
         reports from, or an export. The other groups' steps end truncated: nothing to do for them. A truncated group's
         next step is a basis step: a cycle starts afresh."""
-        for group in self.low_rank_groups:
-            if group["basis_every"] > 1:
-                for layer in group["layers"]:
-                    basis_cycle.truncate(layer, self._state_of(layer, group), group, bounds(layer, group))
-                group[BASIS_CLOCK] = 0
-                self._ready_for_next_step(group)
+        groups = [group for group in self.low_rank_groups if group["basis_every"] > 1]
+        steps = [fns.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group), in_cycle=True)
+                 for group in groups for layer in group["layers"]]
+        if steps:  # the SVDs and rank decisions of a basis step's first half, one host read for all layers
+            plan = fns.StepPlan(steps)
+            self.decide_ranks(plan)
+            for step, r1 in zip(steps, plan.new_ranks.tolist()):
+                basis_cycle.truncate(step, r1)
+        for group in groups:
+            group[BASIS_CLOCK] = 0
+            self._ready_for_next_step(group)
         self._refresh_factor_params()
 
     def schedule_next_step(self) -> None:
