@@ -1,5 +1,7 @@
-"""`python -m dlrt.cli` runs dlrt-run (dlrt.experiments.cli): the entry point of the harness, kept at its old
-name. The only module of the method package that imports the harness."""
+"""`python -m dlrt.cli` is the old name of `python -m dlrt.experiments` (dlrt-run), kept because the run records
+made so far print it as the command that reproduces them. It is part of the harness, not of the method: the
+layering contract (pyproject.toml) lets only the harness import it, and it alone of dlrt's top-level modules
+imports the harness."""
 
 from dlrt.experiments.cli import run
 

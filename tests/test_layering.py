@@ -45,3 +45,12 @@ def test_import_dlrt_is_cheap_and_the_method_needs_no_harness():
             "print(cheap, sorted({'torchvision', 'hydra', 'omegaconf', 'pandas', 'dlrt.experiments'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.stdout.split() == ["True", "[]"], out.stderr
+
+
+def test_python_m_runs_dlrt_run_from_the_harness_and_under_its_old_name(tmp_path):
+    """`python -m dlrt.experiments` is dlrt-run; `python -m dlrt.cli`, the name the run records print, still is."""
+    outputs = [subprocess.run([sys.executable, "-m", module, "--cfg", "job", "model=fc", "tau=0.25"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120) for module in ("dlrt.experiments", "dlrt.cli")]
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+    assert "tau: 0.25" in outputs[0].stdout and outputs[0].stdout == outputs[1].stdout
