@@ -8,7 +8,8 @@ dlrt.report and dlrt.bench, and the method never imports it.
 import importlib
 
 _NAMES = {
-    "LowRankLinear": "layers", "LowRankConv2d": "layers", "StepInputs": "layers", "low_rank_layers": "layers",
+    "LowRankLayer": "layers", "LowRankLinear": "layers", "LowRankConv2d": "layers", "StepInputs": "layers",
+    "low_rank_layers": "layers",
     "convert": "conversion", "merge": "conversion", "DLRTOptimizer": "optim", "METHODS": "optim",
 }
 _MODULES = ("conversion", "distributed", "export", "functional", "graphs", "groups", "integrators", "layers",

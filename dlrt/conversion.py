@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear, _LowRankLayer
+from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
 
 Rank = int | float | None | Sequence[int] | dict[str, int] | Callable[[str, int, int], int]
 
@@ -177,7 +177,7 @@ def _skip_reason(name, module, first_conv, classifier, include, exclude) -> str 
     return None
 
 
-def _low_rank(module: nn.Module, rank: int, from_weights: bool, init: str) -> _LowRankLayer:
+def _low_rank(module: nn.Module, rank: int, from_weights: bool, init: str) -> LowRankLayer:
     if isinstance(module, nn.Linear):
         if from_weights:
             return LowRankLinear.from_linear(module, rank)
@@ -214,7 +214,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_not_merged(layers: Sequence[_LowRankLayer]) -> None:
+def check_not_merged(layers: Sequence[LowRankLayer]) -> None:
     """Raise, in one line, when dlrt.merge has taken any of these layers out of its model. DLRTOptimizer.step calls
     it: one dictionary read per layer (vars(), since getattr with a default would raise and catch an
     AttributeError inside nn.Module for every layer never merged)."""

@@ -89,7 +89,7 @@ class StepInputs:
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reference_S: torch.Tensor | None = None
 
-    def record(self, layer: "_LowRankLayer", x: torch.Tensor, dy: torch.Tensor, grad_S: torch.Tensor | None) -> None:
+    def record(self, layer: "LowRankLayer", x: torch.Tensor, dy: torch.Tensor, grad_S: torch.Tensor | None) -> None:
         if layer.U.grad is None:  # the gradients were set to None since the last backward: a new step
             self.clear()
         self.records.append((x, dy))
@@ -110,8 +110,8 @@ def _in_forward_precision(saved, dy):
     return (x.to(dtype), h, U.to(dtype), S.to(dtype), V.to(dtype)), dy.to(dtype)
 
 
-class _LowRankLayer(nn.Module):
-    """What linear and conv layers share: factors, rank changes, state_dict with any rank."""
+class LowRankLayer(nn.Module):
+    """The base type of LowRankLinear and LowRankConv2d: factors, rank changes, state_dict with any rank."""
 
     out_dim: int  # n: rows of the weight matrix
     in_dim: int  # m: columns of the weight matrix
@@ -143,9 +143,15 @@ class _LowRankLayer(nn.Module):
     def max_rank(self) -> int:
         return min(self.out_dim, self.in_dim)
 
-    def dense_matrix(self) -> torch.Tensor:
-        """U S V^T as an out_dim x in_dim matrix (for tests, metrics and export only)."""
-        return self.U @ self.S @ self.V.T
+    weight_shape: tuple[int, ...]  # the dense layer's weight: (out_dim, in_dim), or a conv's kernels
+
+    def dense_weight(self) -> torch.Tensor:
+        """U S V^T in the shape of the dense layer's weight (nn.Linear's or nn.Conv2d's; `.flatten(1)` is the
+        out_dim x in_dim matrix W). Formed for tests, metrics and export only: training never forms it."""
+        return (self.U @ self.S @ self.V.T).reshape(self.weight_shape)
+
+    def dense_matrix(self) -> torch.Tensor:  # kept until the tests and scripts/published_adaptive.py call dense_weight
+        return self.dense_weight().flatten(1)
 
     @torch.no_grad()
     def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
@@ -227,7 +233,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 
-class LowRankLinear(_LowRankLayer):
+class LowRankLinear(LowRankLayer):
     """A linear layer y = x W^T + b with W = U S V^T of adaptable rank.
 
     init="svd": W drawn as nn.Linear would, then its best rank-r part (a sensible scale at any rank);
@@ -248,10 +254,8 @@ class LowRankLinear(_LowRankLayer):
         super().__init__()
         self.in_features, self.out_features = dense.in_features, dense.out_features
         self.out_dim, self.in_dim = dense.out_features, dense.in_features
+        self.weight_shape = (self.out_features, self.in_features)
         self._init_factors(dense.weight.detach(), rank, dense.bias, init)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.dense_matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -310,7 +314,7 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         return grad_x, grad_U, grad_S, grad_V, grad_b, None
 
 
-class LowRankConv2d(_LowRankLayer):
+class LowRankConv2d(LowRankLayer):
     """A Conv2d whose kernel, read as the C_out x (C_in k k) matrix, is U S V^T of adaptable rank.
 
     init: as for LowRankLinear ("svd" of nn.Conv2d's draw, or the published code's "authors" factors)."""
@@ -340,6 +344,7 @@ class LowRankConv2d(_LowRankLayer):
         self.kernel_size, self.stride = dense.kernel_size, dense.stride
         self.padding, self.dilation = dense.padding, dense.dilation
         self.out_dim, self.in_dim = dense.out_channels, dense.in_channels * math.prod(dense.kernel_size)
+        self.weight_shape = (self.out_channels, self.in_channels, *self.kernel_size)
         self._init_factors(dense.weight.detach().reshape(dense.out_channels, -1), rank, dense.bias, init)
 
     @property
@@ -349,9 +354,6 @@ class LowRankConv2d(_LowRankLayer):
     def _kernel(self, V: torch.Tensor) -> torch.Tensor:
         """The r output channels of the k x k conv: V^T read as r kernels of shape C_in x k x k."""
         return V.T.reshape(V.shape[1], *self._kernel_shape)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.dense_matrix().reshape(self.out_channels, *self._kernel_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self)
@@ -367,6 +369,9 @@ class LowRankConv2d(_LowRankLayer):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
 
 
-def low_rank_layers(model: nn.Module) -> list[_LowRankLayer]:
+def low_rank_layers(model: nn.Module) -> list[LowRankLayer]:
     """The low-rank layers of a model, in module order."""
-    return [m for m in model.modules() if isinstance(m, _LowRankLayer)]
+    return [m for m in model.modules() if isinstance(m, LowRankLayer)]
+
+
+_LowRankLayer = LowRankLayer  # kept until optim/functional/graphs/basis_cycle/groups move (and metrics)

@@ -172,8 +172,8 @@ def svds(cores: list[torch.Tensor]) -> list[tuple]:
     return found
 
 
-def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple], list[torch.Tensor]]:
-    """`decompose` (by default svd) of square cores on any device, taken on the host: the cores come over
+def svds_on_host(cores: list[torch.Tensor]) -> tuple[list[tuple], list[torch.Tensor]]:
+    """`svd` of each square core, on any device, taken on the host: the cores come over
     in one copy (a host sync), LAPACK runs on one thread, and the factors go back in one copy. Returns the
     factors (P, σ, Qh) on the cores' device, and the σ on the host.
 
@@ -184,7 +184,7 @@ def svds_on_host(cores: list[torch.Tensor], decompose=svd) -> tuple[list[tuple],
     # 16-thread host burnt ten times the step's wall time in CPU time while the copy into pinned memory ran
     # outside this block (threads spinning after a parallel copy, the likely cause).
     with _one_thread():
-        found = [decompose(core.view(k, k)) for core, k in zip(host, sizes)]
+        found = [svd(core.view(k, k)) for core, k in zip(host, sizes)]
         packed = torch.cat([t.reshape(-1) for factors in found for t in factors])
         if device.type == "cuda":
             packed = packed.pin_memory()

@@ -1,4 +1,5 @@
-"""The CPU's fast linear algebra of the step (projected QR, Cholesky-QR2 for large tall factors) against the plain one."""
+"""The CPU's fast linear algebra of the step (projected QR, Cholesky-QR2 for large tall factors) against the plain one,
+and the truncation rule that picks the new ranks."""
 
 import math
 
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer, LowRankLinear
-from dlrt import integrators as ig
 from dlrt import linalg
+from dlrt.integrators import truncation_rank_tensor
 from dlrt.update_rules import AdamRule, change_basis
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
@@ -111,7 +112,7 @@ def test_steps_with_cholesky_qr_equal_the_householder_steps(method):
 
         for _ in range(2):
             opt.step(closure)
-        runs.append(layer.dense_matrix().detach())
+        runs.append(layer.dense_weight().detach())
     assert torch.linalg.matrix_norm(runs[0] - runs[1]) <= 1e-4 * torch.linalg.matrix_norm(runs[1])
 
 
@@ -144,7 +145,7 @@ def test_float32_steps_on_the_cpu_path_match_the_plain_path(factory, momentum):
     for a, b in zip(fast, plain):
         if hasattr(a, "U"):
             assert a.rank == b.rank
-            W, W_ref = a.dense_matrix().detach(), b.dense_matrix().detach()
+            W, W_ref = a.dense_weight().detach(), b.dense_weight().detach()
             assert torch.linalg.norm(W - W_ref) <= 1e-4 * torch.linalg.norm(W_ref)
 
 
@@ -175,3 +176,44 @@ def test_batched_factorisations_equal_one_call_per_matrix():
     for core, (P, sigma, Qh) in zip(cores, linalg.svds(cores)):
         torch.testing.assert_close(sigma, torch.linalg.svdvals(core))
         torch.testing.assert_close(P @ torch.diag(sigma) @ Qh, core)
+
+
+# --- truncation: the new ranks from the singular values (moved from test_optim) --------------------
+
+def ranks_for(sigmas, tau, relative=True, r_min=1, r_max=100):
+    sigmas = [torch.tensor(s, dtype=torch.float64) for s in sigmas]
+    n = len(sigmas)
+    return truncation_rank_tensor(sigmas, tau, relative, torch.full((n,), r_min), torch.full((n,), r_max)).tolist()
+
+
+def test_truncation_tail_includes_the_last_singular_value():
+    # ‖σ‖ = 1: dropping only σ_4 = 0.3 leaves a tail 0.3 <= 0.35 -> rank 3; the published code,
+    # which leaves σ_2r out of the tail, would cut one more.
+    sigma = [0.8, 0.4, 0.332, 0.3]
+    s = torch.tensor(sigma, dtype=torch.float64)
+    sigma = (s / s.norm()).tolist()
+    assert ranks_for([sigma], 0.35) == [3]
+    tail_34 = torch.tensor(sigma[2:], dtype=torch.float64).norm().item()
+    assert ranks_for([sigma], tail_34 + 1e-9) == [2]
+    assert ranks_for([sigma], tail_34 - 1e-9) == [3]
+
+
+def test_truncation_keeps_2r_when_no_cut_qualifies_and_for_tau_zero():
+    assert ranks_for([[1.0, 1.0, 1.0, 1.0]], 0.1) == [4]
+    assert ranks_for([[1.0, 0.5, 0.0, 0.0]], 0.0) == [4]
+
+
+def test_truncation_is_clamped_and_vectorised_over_layers():
+    sigmas = [[1.0, 1e-3, 1e-4, 1e-5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5]]
+    assert ranks_for(sigmas, 0.01) == [1, 6, 2]
+    assert ranks_for(sigmas, 0.01, r_min=2, r_max=5) == [2, 5, 2]
+    per_layer = truncation_rank_tensor([torch.tensor(s) for s in sigmas], torch.tensor([0.01, 0.01, 0.9]),
+                                       torch.tensor([True, True, False]), torch.ones(3), torch.full((3,), 100))
+    assert per_layer.tolist() == [1, 6, 1]  # a tau and a relative flag per layer: σ = (1, 0.5) cut at 0.9 absolute
+
+
+def test_absolute_tolerance():
+    sigma = [[10.0, 1.0, 0.1, 0.01]]
+    assert ranks_for(sigma, 0.2, relative=False) == [2]
+    assert ranks_for(sigma, 1.1, relative=False) == [1]
+    assert ranks_for(sigma, 0.2, relative=True) == [1]

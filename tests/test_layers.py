@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dlrt import LowRankConv2d, LowRankLinear
+from dlrt import LowRankConv2d, LowRankLayer, LowRankLinear, low_rank_layers
 from dlrt.layers import StepInputs
 
 
@@ -123,6 +123,14 @@ def test_from_linear_and_from_conv_are_truncated_svds():
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(low_conv(x), conv(x), atol=1e-5, rtol=1e-5)
     assert (low_conv.stride, low_conv.padding) == (conv.stride, conv.padding)
+
+
+def test_the_layers_share_a_public_base_type_and_one_dense_weight():
+    conv, linear = LowRankConv2d(3, 6, 3, 2), LowRankLinear(10, 8, 3)
+    model = nn.Sequential(conv, nn.ReLU(), linear)
+    assert low_rank_layers(model) == [conv, linear] and all(isinstance(m, LowRankLayer) for m in (conv, linear))
+    assert conv.dense_weight().shape == (6, 3, 3, 3) and linear.dense_weight().shape == (8, 10)
+    torch.testing.assert_close(conv.dense_weight().flatten(1), conv.U @ conv.S @ conv.V.T)
 
 
 def test_factors_are_orthonormal_at_init():
