@@ -1,5 +1,5 @@
 """dlrt installs as users install packages: a wheel, installed outside the checkout, runs dlrt-run from another
-folder (its configs ship inside the package)."""
+folder. Its configs are the checkout's configs/, which the wheel carries as dlrt/experiments/conf (setup.py)."""
 
 import shutil
 import subprocess
@@ -19,13 +19,15 @@ def run(*args, **kwargs):
 
 def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
     source = tmp_path / "source"  # a copy: setuptools builds in the source tree, and must not leave build/ in ours
-    kept = {"pyproject.toml", "README.md", "dlrt", "hydra_plugins"}
-    shutil.copytree(REPO, source, ignore=lambda folder, names: [n for n in names if n == "__pycache__" or
-                                                                (Path(folder) == REPO and n not in kept)])
+    kept = {"pyproject.toml", "setup.py", "README.md", "configs", "dlrt", "hydra_plugins"}
+    shutil.copytree(REPO, source, symlinks=True, ignore=lambda folder, names: [
+        n for n in names if n == "__pycache__" or (Path(folder) == REPO and n not in kept)])
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("dlrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "dlrt/experiments/conf/config.yaml" in names and "dlrt/experiments/conf/model/lenet5.yaml" in names
+    configs = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
+    assert sorted(n.removeprefix("dlrt/experiments/conf/") for n in names if n.startswith("dlrt/experiments/conf/")) \
+        == configs  # every config, once, and nothing else
     assert "hydra_plugins/dlrt_sweeper/checking_sweeper.py" in names
 
     # a fresh environment that sees this one's torch, Hydra and so on, but not the checkout
@@ -37,8 +39,10 @@ def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run(env_python, "-c", "import dlrt.experiments.cli as c; print(c.CONFIG_DIR)", cwd=elsewhere).stdout
+    where = run(env_python, "-c", "import dlrt.experiments.schema as s; print(s.CONFIG_DIR)", cwd=elsewhere).stdout
     assert where.startswith(site)  # the installed package, not the checkout
+    job = run(tmp_path / "env" / "bin" / "dlrt-run", "--cfg", "job", "experiment=lenet5_mnist", cwd=elsewhere).stdout
+    assert "init: authors" in job and "name: adaptive" in job  # the experiment's and the method's configs were found
     result = run(tmp_path / "env" / "bin" / "dlrt-run", "data=synthetic", "data.n_train=128", "data.n_val=32",
                  "data.n_test=32", "epochs=1", "progress=false", "threads=1", cwd=elsewhere)
     assert "done: runs/lenet5-synthetic-adaptive" in result.stderr

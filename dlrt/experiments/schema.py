@@ -1,6 +1,6 @@
 """The schema of dlrt-run's config: every key, its type and its choices, as structured configs.
 
-The top level (RunSchema) is the base of conf/config.yaml, so Hydra checks its keys while it composes. A group's
+The configs themselves are the YAML files under CONFIG_DIR. The top level (RunSchema) is the base of config.yaml, so Hydra checks its keys while it composes. A group's
 node (model, data, method, optim) is checked against the schema of the option it names (`group_schema`) by
 dlrt.experiments.validate, which also checks what no schema can say (ranges, keys that depend on each other),
 all before any work. A key that no part of the run reads is refused either way. The recipe values (epochs, lr,
@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from . import protocols
+
+# configs/ at the top of a checkout is the one source of the configs; an installed wheel carries it as
+# dlrt/experiments/conf (setup.py's package-dir mapping), and where that copy is, it is the one read.
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
 class Selection(StrEnum):

@@ -61,7 +61,7 @@ def command(run: dict, runs_dir: Path) -> str:
 
 
 def _is_group(key: str) -> bool:
-    from dlrt.experiments.cli import CONFIG_DIR
+    from dlrt.experiments.schema import CONFIG_DIR
 
     return (CONFIG_DIR / key).is_dir()
 
@@ -70,7 +70,8 @@ def _is_group(key: str) -> bool:
 def _composed(groups: tuple[tuple[str, str], ...]) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from dlrt.experiments.cli import CONFIG_DIR, register
+    from dlrt.experiments.cli import register
+    from dlrt.experiments.schema import CONFIG_DIR
 
     register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -128,7 +128,8 @@ def method_defaults(method: str) -> dict:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from dlrt.experiments.cli import CONFIG_DIR, register
+    from dlrt.experiments.cli import register
+    from dlrt.experiments.schema import CONFIG_DIR
 
     register()
     try:
