@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer
-from dlrt.experiments.data import iterate_batches, load_data
+from dlrt.experiments.data import load_data, tensor_batches
 from dlrt.experiments.models import build_model
 
 
@@ -41,11 +41,10 @@ def main() -> None:
     print(f"# command: python {shlex.join(sys.argv)}")
     print(f"start: ranks {opt.ranks()}")
     print("step  loss    ranks")
-    batches = iterate_batches(data.train.x, data.train.y, 128, shuffle=True,
-                              generator=torch.Generator().manual_seed(args.seed))
-    for step, (x, y) in zip(range(args.steps), batches):
+    batches = tensor_batches(data.train.x, data.train.y, 128, torch.Generator().manual_seed(args.seed))
+    for step, batch in zip(range(args.steps), batches):  # the batches dlrt-run draws in one process
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(batch.x), batch.y)
         loss.backward()
         opt.step()
         if step < 8 or step % args.every == 0:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dlrt.experiments.data import arrays, sources
-from dlrt.experiments.data import DataError, DataNotFoundError, iterate_batches, load_data
+from dlrt.experiments.data import DataError, DataNotFoundError, load_data
 
 DATA_ROOT = Path(os.environ.get("DLRT_DATA_ROOT", Path(__file__).resolve().parents[1] / "data"))
 
@@ -252,39 +252,6 @@ def test_synthetic_is_learnable():
 def test_synthetic_rejects_unknown_option():
     with pytest.raises(DataError, match="n_train"):
         load_data("synthetic", n_trian=10)
-
-
-# --- iterate_batches -------------------------------------------------------------------------
-
-
-def test_iterate_batches_covers_each_index_once():
-    x = torch.arange(103).float().unsqueeze(1)
-    y = torch.arange(103)
-    batches = list(iterate_batches(x, y, 10, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    assert [len(yb) for _, yb in batches] == [10] * 10 + [3]
-    seen = torch.cat([yb for _, yb in batches])
-    assert torch.equal(seen.sort().values, y) and not torch.equal(seen, y)
-    assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in batches)  # x and y stay paired
-
-
-def test_iterate_batches_reproducible_with_seeded_generator():
-    x, y = torch.randn(50, 2), torch.arange(50)
-
-    def run(seed):
-        g = torch.Generator().manual_seed(seed)
-        return torch.cat([yb for _, yb in iterate_batches(x, y, 8, shuffle=True, generator=g)])
-
-    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
-
-
-def test_iterate_batches_drop_last_and_order():
-    x, y = torch.randn(25, 2), torch.arange(25)
-    g = torch.Generator().manual_seed(0)
-    kept = list(iterate_batches(x, y, 8, shuffle=True, generator=g, drop_last=True))
-    assert [len(yb) for _, yb in kept] == [8, 8, 8] and len(torch.cat([yb for _, yb in kept]).unique()) == 24
-    in_order = torch.cat([yb for _, yb in iterate_batches(x, y, 8, shuffle=False)])
-    assert torch.equal(in_order, y)
-    assert list(iterate_batches(x[:5], y[:5], 8, shuffle=False, drop_last=True)) == []
 
 
 # --- bad inputs ------------------------------------------------------------------------------

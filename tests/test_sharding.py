@@ -24,8 +24,7 @@ from torch import nn
 
 import dlrt
 from dlrt import DLRTOptimizer, low_rank_layers
-from dlrt.experiments.data import (Batch, DataNotFoundError, EpochPlan, Shard, iterate_batches, load_data,
-                                   load_device_data, shard_sizes)
+from dlrt.experiments.data import Batch, DataNotFoundError, EpochPlan, Shard, load_data, load_device_data
 from dlrt.experiments.data.images import SeededSamples, load_image_splits, write_image_folder
 from dlrt.experiments.data.sharding import tensor_batches, tensor_chunks
 from dlrt.experiments.runtime import Workers
@@ -56,18 +55,21 @@ def test_the_workers_shards_partition_every_global_batch(n, batch_size, world_si
         shards = [plan.mine(b) for plan in plans]
         assert sorted(torch.cat(shards).tolist()) == sorted(plans[0].order[start:stop].tolist())  # all, once
         sizes = [len(s) for s in shards]
-        assert max(sizes) - min(sizes) <= 1 and sizes == shard_sizes(n, batch_size, world_size)[b]
+        assert sizes == [len(range(k, stop - start, world_size)) for k in range(world_size)]  # by turns
         weights = [Batch(None, None, size, stop - start).loss_weight(world_size) for size in sizes]
         assert sum(weights) / world_size == pytest.approx(1.0)  # the average is the global batch's mean
 
 
 def test_one_process_draws_the_batches_it_always_drew():
-    """Shard() over tensors: the batches of iterate_batches (today's), and the generator left where it left it."""
+    """Shard() over tensors: consecutive slices of one CPU permutation per epoch, x and y paired, the last batch
+    short, and the generator left where one randperm leaves it."""
     x, y = torch.randn(70, 3), torch.randint(0, 4, (70,))
     g_old, g_new = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for epoch in range(2):
-        old, new = list(iterate_batches(x, y, 16, shuffle=True, generator=g_old)), list(tensor_batches(x, y, 16, g_new))
-        assert len(old) == len(new)
+        order = torch.randperm(70, generator=g_old)
+        old = [(x[order[start:start + 16]], y[order[start:start + 16]]) for start in range(0, 70, 16)]
+        new = list(tensor_batches(x, y, 16, g_new))
+        assert len(old) == len(new) == 5
         for (xo, yo), batch in zip(old, new):
             assert torch.equal(xo, batch.x) and torch.equal(yo, batch.y) and batch.count == batch.global_count
     assert torch.equal(g_old.get_state(), g_new.get_state())

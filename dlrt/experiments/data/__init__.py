@@ -8,14 +8,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from .arrays import DATASETS, SPLITS, DataSplits, data_shape, iterate_batches, load_data
+from .arrays import DATASETS, SPLITS, DataSplits, data_shape, load_data
 from .errors import DataError, DataNotFoundError
 from .images import IMAGE_DATASETS, IMAGE_SHAPES
-from .sharding import Batch, EpochPlan, Shard, shard_sizes, tensor_batches, tensor_chunks
+from .sharding import Batch, EpochPlan, Shard, tensor_batches, tensor_chunks
 
 __all__ = ["DATASETS", "SPLITS", "IMAGE_DATASETS", "Batch", "DataError", "DataNotFoundError", "DataSplits",
-           "DeviceData", "EpochPlan", "Shard", "data_shape", "input_spec", "iterate_batches", "load_data",
-           "load_device_data", "shard_sizes"]
+           "DeviceData", "EpochPlan", "Shard", "data_shape", "input_spec", "load_data", "load_device_data"]
 
 
 def synthetic_options(data_cfg) -> dict:

@@ -2,7 +2,7 @@
 
 MNIST and Fashion-MNIST are small enough to live as one tensor on the training device, so there
 is no DataLoader: ``load_data`` returns float32 images in [0, 1] and int64 labels, and
-``iterate_batches`` yields index slices of them.
+sharding.tensor_batches yields index slices of them.
 
 Where MNIST and Fashion-MNIST come from is data.sources; synthetic data are class-mean images plus noise,
 generated from the seed (for tests and smoke runs).
@@ -109,36 +109,6 @@ def data_shape(name: str, **synthetic_kwargs) -> tuple[tuple[int, ...], int]:
         opts = {**_SYNTHETIC_DEFAULTS, **synthetic_kwargs}
         return tuple(int(s) for s in opts["input_shape"]), int(opts["num_classes"])
     return (1, 28, 28), 10
-
-
-def iterate_batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-):
-    """Yield ``(xb, yb)`` batches of tensors that already live on the training device.
-
-    The permutation is drawn on the CPU with ``generator`` so that a run is reproducible whatever
-    the device, then moved to ``x.device``. ``drop_last`` drops a final batch smaller than
-    ``batch_size``.
-    """
-    if len(x) != len(y):
-        raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(x)
-    stop = n - n % batch_size if drop_last else n
-    if shuffle:
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]
-    else:
-        for start in range(0, stop, batch_size):
-            yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 # --- splitting -------------------------------------------------------------------------------

@@ -106,16 +106,6 @@ class EpochPlan:
         return self.augment_seed + index
 
 
-def shard_sizes(n: int, batch_size: int, world_size: int) -> list[list[int]]:
-    """For each global batch of an epoch of n examples, each worker's number of examples (for documentation and
-    tests: the rule in numbers)."""
-    sizes = []
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        sizes.append([len(range(k, count, world_size)) for k in range(world_size)])
-    return sizes
-
-
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
                    shard: Shard = Shard()) -> Iterator[Batch]:
     """One epoch of this worker's batches of a data set that lives on the training device as two tensors: index
