@@ -14,13 +14,21 @@ The policy says how (`STATE_POLICIES`):
 - ``keep``: the state stays at its buffer positions while the bases rotate under it, cut or
   zero-padded when the rank changes. This is what the published code does.
 - ``reset``: like ``keep`` while the rank stays, zeroed when the rank changes.
+- ``restart``: the published FC code's (TensorFlow; results/ERRATA.md, finding 4): the state starts from zero at
+  every basis change (at every step, unless basis_every > 1), as the Adam slots of the new variables that code makes
+  for K, L and S in every batch do, while Adam's bias correction runs on at the optimizer's global step count, as
+  Keras's does. With Adam each step is then a sign step, lr (1 - beta1) / sqrt(1 - beta2) per entry once the
+  correction has died out (`AdamRule.carried_through_restart` says how the count is kept).
 """
 
 from __future__ import annotations
 
 import torch
 
-STATE_POLICIES = ("project", "keep", "reset")
+STATE_POLICIES = ("project", "keep", "reset", "restart")
+# The published FC code applies its one Keras Adam three times per batch, to the K, the L and the S gradients
+# (T@9bd6e9e, tf_implementation/mnist_DLRA.py:199, 200, 231), so its step count grows by three per batch.
+APPLICATIONS_PER_BATCH = 3
 RULES = ("sgd", "adam")
 
 
@@ -43,6 +51,10 @@ class SGDRule:
         torch._foreach_mul_(buffers, self.momentum)
         torch._foreach_add_(buffers, grads)
         return buffers
+
+    def carried_through_restart(self, state: dict) -> dict:
+        """The entries a restart keeps (the "restart" policy): none, the momentum starts from zero."""
+        return {}
 
     # entries moved linearly, entries moved as second moments
     linear_entries = ("momentum",)
@@ -97,6 +109,28 @@ class AdamRule:
         torch._foreach_div_(result, denominators)
         return result
 
+    def carried_through_restart(self, state: dict) -> dict:
+        """The entries a restart keeps (the "restart" policy): the masses, as one number each, moved on to the next
+        step's bias correction at Keras's global step count t (its correction is 1 - beta^t, the mass after t steps).
+
+        In the published code the batch's applications are K's (t = 3n - 2 in batch n), L's (3n - 1) and S's (3n),
+        and K moves twice: on its gradient, then on its moments in L's application (dlranet.py:481 makes K a new
+        variable; mnist_DLRA.py:199-200). The rank-adaptive step (method=adaptive) reads K's and L's steps only
+        through their span, [U0, dK] (new_directions_of_many), which neither a positive scale of the step nor K's
+        second move (a step of the same signs) changes; so every factor takes S's count, t = 3n, and K moves once.
+        A restarted mass, at t = 3n, runs on past the next batch's K and L applications; a state not yet restarted
+        took its first step at t = 1 (per-entry masses), where Keras's S step was at 3, so it runs on past those two
+        as well: from the second batch on, S's correction is Keras's (tests/test_update_rules.py checks both
+        against the published code's Adam).
+        """
+        skipped = APPLICATIONS_PER_BATCH - 1
+        if state["mass"].dim():  # not restarted before: its first step counted 1, not APPLICATIONS_PER_BATCH
+            skipped += APPLICATIONS_PER_BATCH - 1
+        # the oldest entry's count is the global one; in float64, as float32's rounding of 1 - beta^t near 1 would
+        # add up over the run to an error of 1e-5 in the correction (a 0-d tensor does not promote the moments')
+        return {key: 1 - beta ** skipped * (1 - state[key].amax().double())
+                for key, beta in (("mass", self.beta1), ("mass_sq", self.beta2))}
+
     linear_entries = ("exp_avg",)
     square_entries = ("exp_avg_sq", "mass", "mass_sq")
 
@@ -111,7 +145,8 @@ def make_rule(name: str, momentum: float = 0.0, betas=(0.9, 0.999), eps: float =
 
 def lift_state(state: dict, size: int) -> dict:
     """Embed an r x r state into the top-left of a size x size one (the augmented basis [U0, Ũ])."""
-    return {key: torch.nn.functional.pad(value, (0, size - value.shape[1], 0, size - value.shape[0]))
+    return {key: value if not value.dim() else  # a restarted state's masses: one number for every entry
+            torch.nn.functional.pad(value, (0, size - value.shape[1], 0, size - value.shape[0]))
             for key, value in state.items()}
 
 
@@ -124,10 +159,19 @@ def change_basis(state: dict, rule, policy: str, left: torch.Tensor | None, righ
     moved = {}
     square_left = None if left is None else left * left
     square_right = right * right
+    carried = rule.carried_through_restart(state) if policy == "restart" else {}
     for key, value in state.items():
+        if key in carried:
+            moved[key] = carried[key]
+            continue
+        if not value.dim():  # a restarted state's masses (the policy changed since): no coordinates to move
+            moved[key] = value
+            continue
         old_shape = value.shape
         new_shape = (old_shape[0] if left is None else left.shape[1], right.shape[1])
-        if policy == "project":
+        if policy == "restart":
+            moved[key] = value.new_zeros(new_shape)
+        elif policy == "project":
             a, b = (square_left, square_right) if key in rule.square_entries else (left, right)
             moved[key] = (value if a is None else a.T @ value) @ b
         elif policy == "reset" and tuple(new_shape) != tuple(old_shape):
