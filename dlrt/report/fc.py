@@ -77,13 +77,14 @@ def _row_key(run: Run) -> tuple:
     return (run.method, None if run.method == "dense" else run.config["tau"], run.config.get("selection", "min_val_loss"))
 
 
-def rows(experiment: Experiment, width: int) -> list[dict]:
-    """One row per (method, ϑ, selection, settings) of one width: dense first, then ϑ ascending."""
+def rows(experiment: Experiment, width: int, grouped_by: tuple[str, ...] = ("selection",)) -> list[dict]:
+    """One row per (method, ϑ, selection, settings) of one width: dense first, then ϑ ascending. `grouped_by`: the
+    keys that do not make settings of their own (the authors' procedure: its epochs, which are each ϑ's)."""
     of_width = lambda runs: [r for r in runs if r.config.get("model.width") == width]
     paper_rows = [("dense", None, FC.selection) if tau == "dense" else ("adaptive", tau, FC.selection)
                   for tau in PAPER_FC.get(width, {})]
     groups = group_runs(of_width(experiment.completed), of_width(experiment.failed), _row_key, paper_rows,
-                        grouped_by=("selection",))
+                        grouped_by=grouped_by)
     found = []
     for method, tau, selection, settings in sorted(groups, key=lambda k: (method_order(k[0]), k[0], k[1] or 0,
                                                                           k[2] != FC.selection, k[2], k[3])):
@@ -119,7 +120,9 @@ def with_authors(frame: pd.DataFrame, authors: Experiment | None, width: int) ->
     """The authors' FC procedure beside each of our protocol rows (same method and ϑ), where it was run."""
     if authors is None:
         return frame
-    theirs = {(r["method"], r["tau"]): r for r in rows(authors, width) if r["n_seeds"] and not r["settings"]}
+    # each ϑ's runs stop their adaptive phase where the authors' log does (protocols.FC_AUTHORS_EPOCHS)
+    theirs = {(r["method"], r["tau"]): r for r in rows(authors, width, grouped_by=("selection", "epochs"))
+              if r["n_seeds"] and not r["settings"]}
     records = frame.to_dict("records")
     for row in records:
         match = theirs.get((row["method"], None if is_missing(row["tau"]) else row["tau"]))
