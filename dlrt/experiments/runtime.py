@@ -16,11 +16,7 @@ from dlrt import DLRTOptimizer, LowRankConv2d, low_rank_layers
 from dlrt.graphs import CudaGraphs, GraphedStep
 
 from .models import build_model, set_spectrum
-
-# Methods of the runner that DLRTOptimizer knows by another name: the dense net's parameters are stepped by its
-# dense optimizer; the authors' U V^T baseline is vanilla training with the convs frozen (make_model).
-OPTIMIZER_METHOD = {"dense": "adaptive", "vanilla_frozen_convs": "vanilla"}
-FINETUNE_AFTER = ("adaptive", "parallel")  # the methods a fine-tuning phase follows
+from .schema import METHODS, RANK_ADAPTIVE
 
 
 # --- device and workers -----------------------------------------------------------------------
@@ -136,15 +132,17 @@ def freeze_convs_as_authors(model) -> None:
 
 
 def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
-    """The optimizer of one phase: `method` is cfg.method.name, or finetune.method for the fine-tuning phase."""
-    group = cfg.method
-    rule = cfg.optim
+    """The optimizer of one phase: `method` is cfg.method.name, or finetune.method for the fine-tuning phase. The
+    method's and the update rule's keys are DLRTOptimizer's arguments; those a group lacks take its defaults."""
+    settings = {key: value for group in (cfg.method, cfg.optim)
+                for key, value in OmegaConf.to_container(group, resolve=True).items() if key != "name"}
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    if method != cfg.method.name:
+        settings["basis_every"] = 1  # a fine-tuning phase steps its bases at every batch
     return DLRTOptimizer(
-        model, lr=cfg.lr, tau=cfg.tau, method=OPTIMIZER_METHOD.get(method, method), optimizer=rule.name,
-        momentum=rule.get("momentum", 0.0), betas=tuple(rule.get("betas", (0.9, 0.999))), eps=rule.get("eps", 1e-8),
-        absolute_tau=group.get("absolute_tau", False), r_min=group.get("r_min", 2), r_max=group.get("r_max"),
-        state_policy=group.get("state_policy", "project"), svd_on=cfg.svd_on,
-        basis_every=group.get("basis_every", 1) if method == group.name else 1,  # a fine-tuning phase: every step
+        model, lr=cfg.lr, tau=cfg.tau, method=METHODS[method].steps_as if method in METHODS else method,
+        optimizer=cfg.optim.name, svd_on=cfg.svd_on, **settings,
         checked_shortcuts=False if cfg.cuda_graphs else None,  # a graph cannot hold their host-side checks
     )
 
@@ -168,5 +166,5 @@ def make_graphed_step(cfg: DictConfig, model, optimizer: DLRTOptimizer) -> Graph
 def phases(cfg: DictConfig) -> list[tuple[str, str, int]]:
     """(phase, method, epochs) of the run: the training phase, and the fine-tuning phase where there is one."""
     method = cfg.method.name
-    finetune = cfg.finetune.epochs if method in FINETUNE_AFTER else 0
+    finetune = cfg.finetune.epochs if method in RANK_ADAPTIVE else 0
     return [("train", method, cfg.epochs)] + ([("finetune", str(cfg.finetune.method), finetune)] if finetune else [])

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from . import protocols
+from . import defaults, protocols
 
 # configs/ at the top of a checkout is the one source of the configs; an installed wheel carries it as
 # dlrt/experiments/conf (setup.py's package-dir mapping), and where that copy is, it is the one read.
@@ -74,10 +74,7 @@ class Split(StrEnum):
     train_test = "train_test"
 
 
-class StatePolicy(StrEnum):
-    project = "project"
-    keep = "keep"
-    reset = "reset"
+StatePolicy = StrEnum("StatePolicy", {policy: policy for policy in defaults.STATE_POLICIES})  # update_rules'
 
 
 def _recipe(key: str) -> str:
@@ -109,15 +106,15 @@ class ArrayDataSchema:  # mnist, fashion_mnist: one tensor on the device
 
 
 @dataclass
-class SyntheticDataSchema:
+class SyntheticDataSchema:  # the generator's own defaults (data.arrays)
     name: str = "synthetic"
     subset: Optional[int] = None
-    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
-    num_classes: int = 10
-    n_train: int = 512
-    n_val: int = 128
-    n_test: int = 128
-    noise: float = 0.5
+    input_shape: list[int] = field(default_factory=lambda: list(defaults.SYNTHETIC["input_shape"]))
+    num_classes: int = defaults.SYNTHETIC["num_classes"]
+    n_train: int = defaults.SYNTHETIC["n_train"]
+    n_val: int = defaults.SYNTHETIC["n_val"]
+    n_test: int = defaults.SYNTHETIC["n_test"]
+    noise: float = defaults.SYNTHETIC["noise"]
 
 
 @dataclass
@@ -128,6 +125,9 @@ class ImageDataSchema:  # cifar10, imagenet: image folders read by DataLoader wo
     workers: int = 4
 
 
+# The method's and the update rules' keys are DLRTOptimizer's arguments, with its defaults.
+
+
 @dataclass
 class MethodSchema:  # dense, vanilla, vanilla_frozen_convs: no truncation, no basis rotation
     name: str = MISSING
@@ -135,28 +135,42 @@ class MethodSchema:  # dense, vanilla, vanilla_frozen_convs: no truncation, no b
 
 @dataclass
 class FixedMethodSchema(MethodSchema):  # rotates its bases: its optimizer state follows a policy
-    state_policy: StatePolicy = StatePolicy.project
+    state_policy: StatePolicy = StatePolicy(defaults.OPTIMIZER["state_policy"])
 
 
 @dataclass
 class AdaptiveMethodSchema(FixedMethodSchema):  # adaptive, parallel
-    absolute_tau: bool = False
-    r_min: int = 2
-    r_max: Optional[int] = None  # null: ⌊min(n,m)/2⌋ per layer
-    basis_every: int = 1  # a basis step every k-th batch, coefficient (S-only) steps between
+    absolute_tau: bool = defaults.OPTIMIZER["absolute_tau"]
+    r_min: int = defaults.OPTIMIZER["r_min"]
+    r_max: Optional[int] = defaults.OPTIMIZER["r_max"]  # null: ⌊min(n,m)/2⌋ per layer
+    basis_every: int = defaults.OPTIMIZER["basis_every"]  # a basis step every k-th batch, S-only steps between
 
 
 @dataclass
 class SGDSchema:
     name: str = "sgd"
-    momentum: float = 0.0
+    momentum: float = defaults.OPTIMIZER["momentum"]
 
 
 @dataclass
 class AdamSchema:
     name: str = "adam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: list(defaults.OPTIMIZER["betas"]))
+    eps: float = defaults.OPTIMIZER["eps"]
+
+
+class MethodOf(NamedTuple):
+    steps_as: str  # the method of dlrt.functional.METHODS that DLRTOptimizer steps it with
+    schema: type  # of its config group
+
+
+# dlrt-run's methods, the one list of them. dense: the net with dense layers only, whose parameters DLRTOptimizer's
+# dense optimizer steps; vanilla_frozen_convs: vanilla with the low-rank convs frozen (runtime.make_model).
+METHODS = {"adaptive": MethodOf("adaptive", AdaptiveMethodSchema), "parallel": MethodOf("parallel", AdaptiveMethodSchema),
+           "fixed": MethodOf("fixed", FixedMethodSchema), "vanilla": MethodOf("vanilla", MethodSchema),
+           "dense": MethodOf("adaptive", MethodSchema), "vanilla_frozen_convs": MethodOf("vanilla", MethodSchema)}
+# the methods that truncate at ϑ (tau), and that a fine-tuning phase may follow
+RANK_ADAPTIVE = tuple(name for name, method in METHODS.items() if method.schema is AdaptiveMethodSchema)
 
 
 # --- the whole config -------------------------------------------------------------------------
@@ -188,7 +202,7 @@ class RunSchema:
     threads: Optional[int] = None
     flush_denormal: bool = True
     cuda_graphs: bool = False
-    svd_on: SvdOn = SvdOn.auto
+    svd_on: SvdOn = SvdOn(defaults.OPTIMIZER["svd_on"])
     out_dir: str = "runs"
     eval_batch_size: int = 2048
     progress: bool = True
@@ -208,14 +222,20 @@ def group_schema(group: str, name: str):
         return {"synthetic": SyntheticDataSchema, "cifar10": ImageDataSchema, "imagenet": ImageDataSchema}.get(
             name, ArrayDataSchema)
     if group == "method":
-        return {"adaptive": AdaptiveMethodSchema, "parallel": AdaptiveMethodSchema, "fixed": FixedMethodSchema}.get(
-            name, MethodSchema)
+        return METHODS[name].schema if name in METHODS else MethodSchema
     return AdamSchema if name == "adam" else SGDSchema
 
 
 def register() -> None:
     """Put the run schema into Hydra's ConfigStore and the recipe resolvers into OmegaConf (idempotent)."""
-    ConfigStore.instance().store(name="run_schema", node=RunSchema)
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunSchema)
+    # the bases of the group options whose keys the schema fills (configs/method/adaptive.yaml: `defaults:
+    # [adaptive_schema, _self_]`)
+    for group, name, node in (("method", "adaptive_schema", AdaptiveMethodSchema),
+                              ("method", "fixed_schema", FixedMethodSchema), ("optim", "sgd_schema", SGDSchema),
+                              ("optim", "adam_schema", AdamSchema), ("data", "synthetic_schema", SyntheticDataSchema)):
+        store.store(group=group, name=name, node=node)
     for name, resolver in (("dlrt.protocol", protocols.recipe_value), ("dlrt.default_lr", protocols.default_lr)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -28,8 +28,8 @@ from .provenance import CODE_VERSION
 from .run_folder import RunFolder
 from .runtime import (Workers, autocast, configure_cpu, device_name, init_workers, make_graphed_step, make_model,
                       make_optimizer, make_scheduler, phases, resolve_device, rng_state, set_rng_state)
+from .schema import RANK_ADAPTIVE
 
-TRUNCATING = ("adaptive", "parallel")  # the methods whose rank ϑ decides
 SELECTION_TEXT = {"min_val_loss": "minimum validation loss", "final": "final epoch"}
 
 
@@ -125,7 +125,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
         same_phase = start > 0 and phase_of(start - 1) == phase_of(start)  # else the phase starts afresh
         optimizer, scheduler, graphed = _phase(cfg, model, phase_of(start), checkpoint if same_phase else None)
     if workers.is_main:
-        tau = f"ϑ = {cfg.tau}, " if cfg.method.name in TRUNCATING else ""  # no other method reads ϑ
+        tau = f"ϑ = {cfg.tau}, " if cfg.method.name in RANK_ADAPTIVE else ""  # no other method reads ϑ
         print(f"{cfg.model.name} on {cfg.data.name}: {plan_text(cfg)}, {tau}seed {cfg.seed}, on "
               f"{device_name(device)}", file=sys.stderr)
     started = time.time()

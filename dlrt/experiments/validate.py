@@ -11,11 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import RunSchema, group_schema
+from .schema import METHODS, RunSchema, group_schema
 
 GROUPS = ("model", "data", "method", "optim")
-LOW_RANK_METHODS = ("adaptive", "parallel", "fixed", "vanilla", "vanilla_frozen_convs")
-METHODS = ("dense",) + LOW_RANK_METHODS
 FLOAT32_MAX = 3.4028234663852886e38  # a larger value becomes inf in the float32 arithmetic of training
 FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: smaller ones are flushed to 0 on a CPU
 INT64_MAX = 2**63 - 1  # torch's sizes, seeds and counters

@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from dlrt.experiments.runner import NOT_IN_NAME
+from dlrt.experiments.schema import RANK_ADAPTIVE
 
 from .markdown import CONVENTIONS_NOTE, Table, acc_cell, command_lines, epochs_by_method, integer, is_missing, \
     markdown_table, percent, runs_cell, text
 from .runs import Experiment, Run, count_runs, load_runs, method_order, selected_columns
 
 NOT_SETTINGS = set(NOT_IN_NAME) | {"seed"}  # a row averages over seeds; these change nothing computed
-TRUNCATING = ("adaptive", "parallel")  # the methods ϑ means something to
 LABELS = {"method.name": "method", "tau": "ϑ"}
 
 
@@ -65,7 +65,7 @@ def rows(experiment: Experiment) -> list[dict]:
     for setting, (done, broken) in groups.items():
         latest = {run.seed: run for run in sorted(done, key=lambda r: r.summary.get("finished", ""))}
         row = dict(zip(keys, setting))
-        if row["method.name"] not in TRUNCATING:
+        if row["method.name"] not in RANK_ADAPTIVE:
             row["tau"] = None
         table.append({**row, **count_runs(list(latest.values()), broken), **selected_columns(list(latest.values()))})
     order = lambda row: (method_order(row["method.name"]), row["method.name"], [str(row[k]) for k in keys[2:]],
