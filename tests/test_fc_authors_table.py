@@ -19,3 +19,13 @@ def test_authors_runs_of_different_adaptive_lengths_fill_their_rows(tmp_path):
     main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--experiments", "fc_mnist"])
     row = fc500_row(table(tmp_path / "out", "fc500_mnist"), 0.09)
     assert row["authors_test_acc_mean"] == pytest.approx(98.4) and row["authors_ranks"] == "[30,30,30,30]"
+
+
+def test_the_authors_runs_come_last_with_the_epochs_of_their_logs():
+    from dlrt.report.missing import planned_runs
+
+    runs = planned_runs()
+    theirs = [run for run in runs if run["experiment"] == "fc_mnist_authors"]
+    assert runs[-len(theirs):] == theirs  # after every other table's runs
+    assert [(run["tau"], run["epochs"]) for run in theirs] == [
+        (0.17, 250), (0.15, 250), (0.13, 250), (0.11, 244), (0.09, 188), (0.07, 122), (0.05, 71), (0.03, 32)]

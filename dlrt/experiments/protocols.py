@@ -225,6 +225,17 @@ FC_DENSE = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"method": "dense", "ta
 FC_AT_003 = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"tau": FC_TAUS[0]}, cost=(
     "its ranks stay near their cap (392 at width 784), about 290 s per epoch at width 784 on the 2-core CPU "
     "with one thread, some 28 hours for the 350 epochs"))
+# The authors' FC procedure (experiment=fc_mnist_authors; results/ERRATA.md finding 4), width 500 at the ϑ of their
+# logs, each adaptive phase as long as theirs: ϑ -> the rows of T@3f1aa0d illustration/paper_data/500Neurons/
+# e2edense_sr350_v<ϑ>/historyLogs/history_001_.csv (each followed by 100 fine-tuning epochs, history_002_.csv)
+FC_AUTHORS_EPOCHS = {0.17: 250, 0.15: 250, 0.13: 250, 0.11: 244, 0.09: 188, 0.07: 122, 0.05: 71, 0.03: 32}
+FC_AUTHORS_PROTOCOL = TableProtocol(
+    "the authors' FC procedure: the FC protocol at width 500 with Adam restarting at every step (state_policy=restart, "
+    "Keras's eps 1e-7), each adaptive phase stopped at the epoch of their log", FC.settings, FC.settings_by_method,
+    selection=FC.selection)
+FC_AUTHORS = tuple(Sweep("fc_mnist_authors", {}, {"tau": tau, "epochs": epochs}) for tau, epochs in FC_AUTHORS_EPOCHS.items())
+FC_AUTHORS_FULL = Sweep("fc_mnist_authors", {"tau": tuple(tau for tau, epochs in FC_AUTHORS_EPOCHS.items()
+                                                          if epochs == RECIPES["fc"].epochs)})
 # Basis updates every k batches (issue 26): the cost of k in accuracy at a small and a large ϑ (k = 1 is LENET5_DLRT)
 LENET5_BASIS_EVERY = Sweep("lenet5_mnist", {"method.basis_every": (10, 5, 30), "tau": (0.15, 0.4), "seed": (0, 1, 2)})
 UV_AUTHORS = Sweep("dlrt_vs_uv_authors", {"method": ("fixed", "vanilla_frozen_convs"),
@@ -234,9 +245,11 @@ UV_OURS = Sweep("dlrt_vs_uv", {"method": ("fixed", "vanilla"), "model.spectrum":
 
 # Every table's runs, in the order they are run: the dense LeNet5 row and the basis_every study first (15 minutes a
 # run on this CPU), then the FC tables (about 100 s per epoch at their starting ranks, 350 epochs), the DLRT vs U V^T
-# studies, the LeNet5 rows, and FC at ϑ = 0.03, the costliest by far.
+# studies, the LeNet5 rows, FC at ϑ = 0.03, the costliest by far, and the authors' FC procedure (ϑ descending: the
+# cheap runs first).
 SWEEPS = (LENET5_DENSE, LENET5_BASIS_EVERY, FC_DLRT, FC_DENSE, UV_AUTHORS, UV_OURS, LENET5_DLRT, LENET5_SVD_INIT,
-          FC_AT_003)
+          FC_AT_003, *FC_AUTHORS)
 # experiment -> its table's protocol and the sweep that `dlrt-run -m experiment=<name>` runs (its yaml reads it)
 EXPERIMENTS = {"lenet5_mnist": (LENET5, LENET5_DLRT), "fc_mnist": (FC, FC_DLRT),
-               "dlrt_vs_uv": (DLRT_VS_UV, UV_OURS), "dlrt_vs_uv_authors": (DLRT_VS_UV_AUTHORS, UV_AUTHORS)}
+               "dlrt_vs_uv": (DLRT_VS_UV, UV_OURS), "dlrt_vs_uv_authors": (DLRT_VS_UV_AUTHORS, UV_AUTHORS),
+               "fc_mnist_authors": (FC_AUTHORS_PROTOCOL, FC_AUTHORS_FULL)}
