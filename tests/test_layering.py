@@ -1,6 +1,7 @@
 """The layering rule: the method (dlrt) imports torch only, never the harness (dlrt.experiments, dlrt.report,
 dlrt.bench) nor what only the harness needs; `import dlrt` itself imports nothing heavy."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -54,3 +55,14 @@ def test_python_m_runs_dlrt_run_from_the_harness_and_under_its_old_name(tmp_path
     for out in outputs:
         assert out.returncode == 0, out.stderr
     assert "tau: 0.25" in outputs[0].stdout and outputs[0].stdout == outputs[1].stdout
+
+
+def test_the_harness_uses_only_hydras_public_api():
+    """hydra._internal may change in any Hydra release (the sweeper is written on hydra.plugins.sweeper.Sweeper)."""
+    private = []
+    for path in sorted([*(REPO / "dlrt").rglob("*.py"), *(REPO / "hydra_plugins").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            private += [f"{path.relative_to(REPO)}: {name}" for name in names if name.startswith("hydra._internal")]
+    assert private == []

@@ -68,11 +68,9 @@ _hydra_main = hydra.main(config_path=str(CONFIG_DIR), config_name="config", vers
 
 def register() -> None:
     """The run schema, the recipe resolvers, the checking sweeper and the help text (idempotent)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf
-
     schema.register()
     store = ConfigStore.instance()
-    store.store(group="hydra/sweeper", name="dlrt", node={**BasicSweeperConf().__dict__,
+    store.store(group="hydra/sweeper", name="dlrt", node={"max_batch_size": None, "params": None,  # as Hydra's basic
                                                           "_target_": "hydra_plugins.dlrt_sweeper.checking_sweeper.CheckingSweeper"})
     store.store(group="hydra/help", name="dlrt", node={"app_name": "dlrt-run", "header": "", "footer": "",
                                                         "template": HELP})
@@ -124,7 +122,8 @@ def run() -> None:
     except Exception as e:
         _fail_known(e)
     except BaseException as e:
-        if type(e).__name__ == "Interrupted":
+        train = sys.modules.get(f"{__package__}.train")  # loaded if a run raised e; not imported (torch) for --help
+        if train is not None and isinstance(e, train.Interrupted):
             _fail(str(e), EXIT_INTERRUPTED)
         raise
 
@@ -143,7 +142,7 @@ def _fail_known(e: Exception) -> None:
 def _composition_message(e: Exception) -> str:
     """Hydra wraps OmegaConf's message ("Value 'abc' ... Integer", full_key: seed) in its own ("Error merging
     override seed=abc"): both, on one line; an unknown option or key in our words."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
     from .validate import one_line
 
@@ -151,7 +150,9 @@ def _composition_message(e: Exception) -> str:
         group, _, option = (e.missing_cfg_file or "").partition("/")
         options = ", ".join(o for o in e.options if not o.endswith("_schema"))
         return f"unknown {group} {option!r}: choose one of {options}"
-    if str(e).startswith("Could not override"):
+    # An unknown key is a plain ConfigCompositionException, like any composition error: Hydra has no class of
+    # its own for it, so its message is the only mark.
+    if isinstance(e, ConfigCompositionException) and str(e).startswith("Could not override"):
         key = str(e).split("'")[1]
         return f"unknown key {key!r}: dlrt-run has no such setting (dlrt-run --help and docs/runner.md list the keys)"
     causes = [e]
