@@ -10,7 +10,8 @@ import importlib
 _NAMES = {
     "LowRankLayer": "layers", "LowRankLinear": "layers", "LowRankConv2d": "layers", "StepInputs": "layers",
     "low_rank_layers": "layers",
-    "convert": "conversion", "merge": "conversion", "DLRTOptimizer": "optim", "METHODS": "optim",
+    "convert": "conversion", "ConvertConfig": "conversion", "merge": "conversion", "DLRTOptimizer": "optim",
+    "METHODS": "optim",
 }
 _MODULES = ("conversion", "distributed", "export", "functional", "graphs", "groups", "integrators", "layers",
             "linalg", "metrics", "optim", "update_rules")

@@ -4,6 +4,10 @@
     print(report)                       # what was converted, with shapes and ranks, and what was kept dense
     model = dlrt.merge(model)           # plain nn.Linear / nn.Conv2d again, in place, for export
 
+    config = dlrt.ConvertConfig(rank=0.25, exclude=["layer4.*"])   # the same choice as data, as peft's LoraConfig
+    model, report = dlrt.convert(torchvision.models.resnet50(), config=config)
+    dlrt.ConvertConfig.of(model).to_dict()   # the choice that remakes a model's low-rank layers at their ranks now
+
 Which modules are converted: every nn.Linear and nn.Conv2d whose qualified name matches `include`
 (fnmatch patterns, default all) and none of `exclude`, except, by default, the model's first conv (its
 matrix is tiny, C_out x C_in k k with C_in = 3) and its last linear layer (the classifier), as the paper
@@ -12,7 +16,8 @@ does. Grouped convs stay dense (DLRT's matrix view needs groups = 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import glob
+from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatch
 from typing import Callable, Iterable, Sequence
 
@@ -22,6 +27,41 @@ from torch import nn
 from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
 
 Rank = int | float | None | Sequence[int] | dict[str, int] | Callable[[str, int, int], int]
+
+
+@dataclass
+class ConvertConfig:
+    """Which layers dlrt.convert makes low-rank, and at what rank, as data (as peft's LoraConfig): convert's
+    arguments of the same names, and what dlrt.export stores so that a file rebuilds from the dense network. How
+    the factors start (from_weights, init) is not part of it: that is convert's own choice each time."""
+
+    rank: int | float | list[int] | dict[str, int] | None = None  # a rank function cannot be stored
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    keep_first_conv: bool = True
+    keep_classifier: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON values only."""
+        if callable(self.rank):
+            raise ValueError("a rank function cannot be stored: store ConvertConfig.of(model), its ranks by name")
+        return {**asdict(self), "include": list(self.include), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConvertConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown ConvertConfig key(s) {', '.join(unknown)}: the keys are "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ConvertConfig":
+        """The config that remakes the model's low-rank layers, by name and at their ranks now, from its dense
+        counterpart (what dlrt.export stores: a trained model's ranks are not those it was converted at)."""
+        ranks = {name: module.rank for name, module in model.named_modules() if isinstance(module, LowRankLayer)}
+        return cls(rank=ranks, include=[glob.escape(name) for name in ranks], keep_first_conv=False,
+                   keep_classifier=False)
 
 
 @dataclass
@@ -122,8 +162,11 @@ def convert(
     keep_classifier: bool = True,
     from_weights: bool = True,
     init: str = "svd",
+    config: ConvertConfig | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace the model's Linear/Conv2d layers by low-rank ones, in place; returns (model, report).
+
+    config: the arguments rank to keep_classifier as one ConvertConfig (then leave them out).
 
     rank: None, an int, a fraction or a function (name, n, m) -> rank (see _choose_rank); a list, one rank per
     converted layer in the model's order; or a dict {qualified name: rank}, as dlrt.export stores a conversion.
@@ -131,6 +174,11 @@ def convert(
     starts at its best low-rank approximation); False draws fresh factors, by `init` (layers.INITS):
     "svd" (the truncated SVD of a fresh torch draw) or "authors" (the published code's random factors).
     """
+    if config is not None:
+        if (rank, tuple(include), tuple(exclude), keep_first_conv, keep_classifier) != (None, ("*",), (), True, True):
+            raise ValueError("convert was given a config and rank/include/exclude/keep_* arguments: give one of them")
+        rank, include, exclude = config.rank, config.include, config.exclude
+        keep_first_conv, keep_classifier = config.keep_first_conv, config.keep_classifier
     if from_weights and init != "svd":
         raise ValueError(f"init={init!r} draws fresh factors: pass from_weights=False with it")
     include, exclude = list(include), list(exclude)

@@ -11,15 +11,14 @@ model. "dense" stores the merged plain nn.Linear / nn.Conv2d weights (dlrt.merge
 
 The file's metadata names what builds the network ("module:function" and its keyword arguments; without a
 builder, the model's own class, when it can be imported and made from those arguments) and, as peft's adapter
-config does, the conversion: the low-rank layers' names and ranks, as the arguments of dlrt.convert that remake
-them. The loader calls the builder on the meta device, merges what it built (so any layers, low-rank or not, will
-do), converts the named layers at their ranks, and puts the file's tensors in place of every parameter.
+config does, the conversion: a dlrt.ConvertConfig with the low-rank layers' names and ranks. The loader calls the
+builder on the meta device, merges what it built (so any layers, low-rank or not, will do), converts it by the
+stored config, and puts the file's tensors in place of every parameter: the rest is dlrt's alone.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
 import importlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .conversion import convert, merge
+from .conversion import ConvertConfig, convert, merge
 from .layers import low_rank_layers
 
 FORMATS = ("factored", "dense")
@@ -46,7 +45,7 @@ def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builde
     tensors = merge(copy.deepcopy(model)).state_dict() if fmt == "dense" else _factored_tensors(model)
     metadata = {"format": fmt, "builder": builder or f"{type(model).__module__}:{type(model).__qualname__}",
                 "builder_kwargs": _json(builder_kwargs),
-                "conversion": json.dumps(conversion_of(model) if fmt == "factored" else {})}
+                "conversion": json.dumps(ConvertConfig.of(model).to_dict() if fmt == "factored" else {})}
     _check_rebuilds(metadata, tensors if fmt == "dense" else model.state_dict(), given=builder is not None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,15 +59,6 @@ def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builde
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def conversion_of(model: nn.Module) -> dict:
-    """The keyword arguments of dlrt.convert that turn the model's dense counterpart into it: its low-rank layers
-    by name, at their ranks. JSON-serialisable, as peft's adapter config."""
-    layers = set(low_rank_layers(model))
-    ranks = {name: module.rank for name, module in model.named_modules() if module in layers}
-    return {"rank": ranks, "include": [glob.escape(name) for name in ranks], "keep_first_conv": False,
-            "keep_classifier": False}
 
 
 def _json(kwargs: dict) -> str:
@@ -140,26 +130,12 @@ def load_exported(path: str | Path) -> nn.Module:
 
 
 def _rebuild(metadata: dict) -> nn.Module:
-    """The network the metadata describes: the builder's, merged, with the stored conversion applied."""
-    if "conversion" not in metadata:  # files of dlrt 0.2 and before: the builder made the low-rank layers
-        builder, kwargs = _builder(metadata)
-        return builder(**kwargs, low_rank=metadata.get("low_rank") == "True",
-                       rank=json.loads(metadata.get("ranks", "[]")) or None)
+    """The network the metadata describes: the builder's, merged, converted by the stored ConvertConfig."""
+    if "conversion" not in metadata:
+        raise ValueError("this file was written by an older dlrt, whose builder made the low-rank layers itself, and "
+                         "names no conversion: export the model again (dlrt-export RUN_DIR, or save_model)")
     model = merge(_import(metadata["builder"])(**json.loads(metadata["builder_kwargs"])))
     conversion = json.loads(metadata["conversion"])
-    if conversion:
-        model, _ = convert(model, from_weights=False, **conversion)
+    if conversion:  # a dense file's is {}: the merged network is the model
+        model, _ = convert(model, from_weights=False, config=ConvertConfig.from_dict(conversion))
     return model
-
-
-def _builder(metadata: dict):
-    if "architecture" in metadata:  # files of dlrt 0.1 name a model of dlrt-run
-        architecture = json.loads(metadata["architecture"])
-        metadata = {"builder": "dlrt.experiments.models:build_model", "ranks": json.dumps(architecture["ranks"]),
-                    "builder_kwargs": json.dumps({"name": architecture["model"], "input_shape": architecture["input_shape"],
-                                                  "num_classes": architecture["num_classes"], **architecture["options"]})}
-    if not metadata.get("builder"):
-        raise ValueError("the file names no builder, so it cannot rebuild the network: save it with "
-                         "save_model(..., builder='module:function'), or load its tensors with safetensors")
-    module, _, function = metadata["builder"].partition(":")
-    return getattr(importlib.import_module(module), function), json.loads(metadata.get("builder_kwargs", "{}"))

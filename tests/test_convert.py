@@ -8,7 +8,7 @@ from torch import nn
 
 import copy
 
-from dlrt import DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers, merge
+from dlrt import ConvertConfig, DLRTOptimizer, LowRankConv2d, LowRankLinear, convert, low_rank_layers, merge
 from dlrt.conversion import check_not_merged
 from dlrt.metrics import dense_reference, weight_shapes
 from dlrt.experiments.models import build_model
@@ -76,6 +76,35 @@ def test_ranks_given_by_name():
         convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), rank={"0": 3, "4": 2})
     with pytest.raises(ValueError, match="the rank dict gives no rank for 1: add it, or leave it out with exclude"):
         convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 2)), rank={"0": 3})
+
+
+def test_a_convert_config_is_the_arguments_as_json_and_remakes_a_model():
+    import json
+
+    config = ConvertConfig(rank=0.25, exclude=["layer4.*"], keep_classifier=False)
+    assert ConvertConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    torch.manual_seed(0)
+    by_config, report = convert(torchvision.models.resnet18(num_classes=10), config=config)
+    torch.manual_seed(0)
+    by_arguments, _ = convert(torchvision.models.resnet18(num_classes=10), rank=0.25, exclude=["layer4.*"],
+                              keep_classifier=False)
+    assert [l.rank for l in low_rank_layers(by_config)] == [l.rank for l in low_rank_layers(by_arguments)]
+    assert isinstance(by_config.fc, LowRankLinear) and isinstance(by_config.layer4[0].conv1, nn.Conv2d)
+    # of(model): the layers by name at their ranks now, which remake the model from the dense network
+    remade, _ = convert(torchvision.models.resnet18(num_classes=10), from_weights=False,
+                        config=ConvertConfig.from_dict(json.loads(json.dumps(ConvertConfig.of(by_config).to_dict()))))
+    assert [(n, type(m), getattr(m, "rank", None)) for n, m in remade.named_modules()] == \
+           [(n, type(m), getattr(m, "rank", None)) for n, m in by_config.named_modules()]
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: convert(nn.Linear(4, 4), rank=2, config=ConvertConfig()), "give one of them"),
+    (lambda: ConvertConfig.from_dict({"rank": 2, "ranks": 3}), "unknown ConvertConfig key.s. ranks"),
+    (lambda: ConvertConfig(rank=lambda name, n, m: 1).to_dict(), "a rank function cannot be stored"),
+])
+def test_a_convert_config_that_cannot_be_used_is_refused_in_one_line(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_full_rank_conversion_is_exact():

@@ -68,20 +68,34 @@ def test_what_could_not_be_loaded_is_refused_before_writing(tmp_path, make, kwar
     assert not path.exists()
 
 
-def test_a_file_of_dlrt_0_2_still_loads(tmp_path):
-    """Files written before the conversion was stored: the builder made the low-rank layers at the saved ranks."""
+def test_the_file_stores_a_convert_config_and_the_harness_stores_a_dense_builder(tmp_path):
+    """dlrt-export's builder makes the dense network (low_rank=False) and the stored ConvertConfig its low-rank
+    layers at their trained ranks: nothing of the harness's own low-rank choice is needed to load."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors import safe_open
 
+    from dlrt import ConvertConfig
+    from dlrt.experiments.export import BUILDER
     from dlrt.experiments.models import build_model
-    from dlrt.export import _factored_tensors
 
     kwargs = {"name": "lenet5", "input_shape": [1, 28, 28], "num_classes": 10}
     torch.manual_seed(0)
     model = build_model(**kwargs, rank=[3, 5, 7]).eval()
-    metadata = {"format": "factored", "builder": "dlrt.experiments.models:build_model", "low_rank": "True",
-                "builder_kwargs": json.dumps(kwargs), "ranks": json.dumps([3, 5, 7])}
-    save_file(_factored_tensors(model), str(tmp_path / "old.safetensors"), metadata=metadata)
+    path = save_model(model, tmp_path / "net.safetensors", builder=BUILDER, **kwargs, low_rank=False)
+    with safe_open(str(path), framework="pt") as f:
+        stored = ConvertConfig.from_dict(json.loads(f.metadata()["conversion"]))
+    assert stored == ConvertConfig.of(model) and sorted(stored.rank.values()) == [3, 5, 7]
     x = torch.randn(2, 1, 28, 28)
-    torch.testing.assert_close(load_exported(tmp_path / "old.safetensors")(x), model(x))
+    torch.testing.assert_close(load_exported(path)(x), model(x))
+
+
+def test_a_file_that_names_no_conversion_is_refused_in_one_line(tmp_path):
+    """Files of an older dlrt, whose builder made the low-rank layers: export them again from their run folder."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "factored", "builder": "dlrt.experiments.models:build_model", "low_rank": "True"})
+    with pytest.raises(ValueError, match=r"older dlrt.*export the model again \(dlrt-export RUN_DIR") as error:
+        load_exported(tmp_path / "old.safetensors")
+    assert "\n" not in str(error.value)

@@ -19,7 +19,8 @@ from dlrt.export import FORMATS, save_model
 
 from .run_folder import RunFolder, RunFolderError
 
-BUILDER = "dlrt.experiments.models:build_model"
+BUILDER = "dlrt.experiments.models:build_model"  # with low_rank=False: the dense network; the file's ConvertConfig
+                                                 # makes its low-rank layers
 
 
 class ExportError(RuntimeError):
@@ -64,7 +65,7 @@ def export_run(run_dir: str | Path, fmt: str = "factored", out: str | Path | Non
     try:
         with torch.no_grad():
             return save_model(model, out, fmt, builder=BUILDER, name=cfg.model.name, input_shape=list(input_shape),
-                              num_classes=num_classes, **options)
+                              num_classes=num_classes, low_rank=False, **options)
     except SafetensorError as e:  # safetensors' own word for a file it cannot write
         raise ExportError(f"cannot write {out} ({' '.join(str(e).split())[:150]}): choose another --out") from None
 
