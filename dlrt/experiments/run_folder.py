@@ -1,6 +1,6 @@
 """A run folder, the unit of record: its files, written atomically, and owned by one process at a time.
 
-    config.yaml      the resolved config
+    config.yaml      the resolved config, the keys the run reads (schema.recorded)
     epochs.csv       one row per epoch: losses, accuracies, ranks, parameter counts, compression, times
     summary.json     the selected epoch and the run's facts; "status": "completed" or "failed"
     checkpoint.pt    the latest epoch's model, optimizer and RNG states: an interrupted run resumes from it

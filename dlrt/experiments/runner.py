@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .run_folder import RunFolder, RunFolderError
+from .schema import flatten, used
 from .validate import ConfigError, one_line, validate
 
 GROUPS = ("model", "data", "method", "optim")
@@ -96,8 +97,9 @@ def folder_names(cfg: DictConfig, name: str) -> list[str]:
 
 def config_differences(recorded: dict, cfg: DictConfig) -> list[tuple[str, object, object]]:
     """(key, recorded value, this config's value) for every setting that changes what a run computes and that
-    both hold (a key that only one of them has came or went with a default that keeps the behaviour)."""
-    ours, theirs = _flat(cfg), dict(_walk(recorded))
+    both hold (a key that only one of them has came or went with a default that keeps the behaviour, or is one the
+    run does not read: older folders record those too)."""
+    ours, theirs = _flat(cfg), flatten(recorded)
     return [(key, theirs[key], value) for key, value in ours.items()
             if key in theirs and key not in NOT_IN_NAME and theirs[key] != value]
 
@@ -119,8 +121,9 @@ def run_name(cfg: DictConfig) -> str:
     model, data and method are the options of ours that the run's groups are (a user's own option, `-cd myconf
     method=myadapt`, is the option of ours it extends), and the extras are every group choice and value in which
     the run differs from the defaults of its model, data, method and experiment, except those of NOT_IN_NAME. So a
-    value given that equals the default (lr=0.05 on LeNet5) makes no new folder, and a user's option that changes
-    r_min is named by it."""
+    value given that equals the default (lr=0.05 on LeNet5) makes no new folder, a user's option that changes r_min
+    is named by it, and a key the run does not read (schema.unused_keys: scheduler.factor without a scheduler) names
+    nothing. ϑ stays in every name, as the names of the run records have it."""
     from .runtime import phases
 
     ours = {group: cfg[group].name for group in GROUPS}
@@ -156,17 +159,8 @@ def _fit(name: str, limit: int = 255) -> str:
 
 
 def _flat(cfg: DictConfig) -> dict:
-    return {key: value for key, value in _walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))}
-
-
-def _walk(tree, prefix: str = ""):
-    for key, value in tree.items():
-        if key == "hydra":
-            continue
-        if isinstance(value, dict):
-            yield from _walk(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", tuple(value) if isinstance(value, list) else value
+    """The settings the run reads, flattened."""
+    return used(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
 def _text(value) -> str:

@@ -1,10 +1,13 @@
 """The schema of dlrt-run's config: every key, its type and its choices, as structured configs.
 
-The configs themselves are the YAML files under CONFIG_DIR. The top level (RunSchema) is the base of config.yaml, so Hydra checks its keys while it composes. A group's
-node (model, data, method, optim) is checked against the schema of the option it names (`group_schema`) by
-dlrt.experiments.validate, which also checks what no schema can say (ranges, keys that depend on each other),
-all before any work. A key that no part of the run reads is refused either way. The recipe values (epochs, lr,
-...) come from dlrt.experiments.protocols through the `dlrt.protocol` and `dlrt.default_lr` resolvers.
+The configs are the YAML files under CONFIG_DIR (configs/). The top level (RunSchema) is the base of config.yaml,
+and the method, optim and synthetic data options extend their group's schema (`adaptive_schema`, ...), so Hydra
+checks keys and types while it composes, and the defaults the method and the data generator define
+(dlrt.experiments.defaults) are written nowhere else. dlrt.experiments.validate checks each group against the
+schema of the option it names (`group_schema`) and what no schema can say (ranges, keys that depend on each
+other), all before any work: a key that no option has is refused. A key the chosen method does not read (ϑ of a
+dense run: `unused_keys`) may be given, and is left out of the run folder's config and name. The recipe values
+(epochs, lr, ...) come from dlrt.experiments.protocols through the `dlrt.protocol` and `dlrt.default_lr` resolvers.
 """
 
 from __future__ import annotations
@@ -224,6 +227,58 @@ def group_schema(group: str, name: str):
     if group == "method":
         return METHODS[name].schema if name in METHODS else MethodSchema
     return AdamSchema if name == "adam" else SGDSchema
+
+
+# --- what a run reads --------------------------------------------------------------------------
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"name": "fc"}} -> {"model.name": "fc"}, lists as tuples (so values compare), Hydra's node left out."""
+    flat = {}
+    for key, value in tree.items():
+        if key == "hydra":
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def unused_keys(flat: dict) -> set[str]:
+    """The keys of a flattened config that its run does not read: ϑ and the fine-tuning phase outside the
+    rank-adaptive methods (finetune.method when there are no fine-tuning epochs), the plateau scheduler's factor and
+    patience without it, and model.init for the dense net. Every command may give them (`method=dense tau=0`); a run
+    folder's config and name leave them out."""
+    method = flat.get("method.name")
+    unused = {"model.init"} if method == "dense" else set()
+    if method not in RANK_ADAPTIVE:
+        unused |= {"tau", "finetune.method", "finetune.epochs"}
+    elif flat.get("finetune.epochs") == 0:
+        unused.add("finetune.method")
+    if flat.get("scheduler.name") == Scheduler.none:
+        unused |= {"scheduler.factor", "scheduler.patience"}
+    return unused & set(flat)
+
+
+def used(flat: dict) -> dict:
+    """A flattened config without its unused_keys."""
+    unused = unused_keys(flat)
+    return {key: value for key, value in flat.items() if key not in unused}
+
+
+def recorded(cfg) -> dict:
+    """The resolved config a run folder records: what the run reads (no unused_keys), as plain data."""
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in unused_keys(flatten(tree)):
+        *groups, leaf = key.split(".")
+        node = tree
+        for group in groups:
+            node = node[group]
+        del node[leaf]
+        if groups and not node:  # finetune: every key unused
+            del tree[groups[0]]
+    return tree
 
 
 def register() -> None:

@@ -28,7 +28,7 @@ from .provenance import CODE_VERSION
 from .run_folder import RunFolder
 from .runtime import (Workers, autocast, configure_cpu, device_name, init_workers, make_graphed_step, make_model,
                       make_optimizer, make_scheduler, phases, resolve_device, rng_state, set_rng_state)
-from .schema import RANK_ADAPTIVE
+from .schema import RANK_ADAPTIVE, recorded
 
 SELECTION_TEXT = {"min_val_loss": "minimum validation loss", "final": "final epoch"}
 
@@ -118,7 +118,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
         set_rng_state(checkpoint["rng"], generator)
         print(f"resuming {folder} after epoch {start}", file=sys.stderr)
     elif workers.is_main:
-        folder.write_config(cfg)
+        folder.write_config(recorded(cfg))
     phase_of = lambda epoch: schedule[epoch][1]
     optimizer = scheduler = graphed = None
     if start < len(schedule):

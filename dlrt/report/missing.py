@@ -21,8 +21,7 @@ from omegaconf import OmegaConf
 from dlrt.experiments.protocols import SWEEPS, Sweep
 from dlrt.experiments.run_folder import RunFolder, RunFolderError
 from dlrt.experiments.runner import NOT_IN_NAME
-
-from .runs import flatten
+from dlrt.experiments.schema import flatten, used
 
 # How the commands run: one thread each (two runs share the CPU), no progress bars in the logs.
 RUN_OPTIONS = {"threads": 1, "progress": "false"}
@@ -89,9 +88,10 @@ def expected_config(run: dict) -> tuple[dict, dict]:
 
 def same_run(expected: dict, found: dict, defaults: dict | None = None) -> bool:
     """A key the folder lacks (written before the key existed) counts as its default: `defaults`, the config of
-    the run's groups without its values, says what that default is today."""
+    the run's groups without its values, says what that default is today. A key the run does not read
+    (schema.unused_keys: ϑ of a dense run) is not compared: today's folders do not record it."""
     defaults = expected if defaults is None else defaults
-    for key in expected.keys() - set(NOT_IN_NAME):
+    for key in used(expected).keys() - set(NOT_IN_NAME):
         recorded = found[key] if key in found else defaults.get(key, expected[key])
         if expected[key] != recorded:
             return False

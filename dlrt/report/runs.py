@@ -20,6 +20,7 @@ from typing import Callable
 import pandas as pd
 
 from dlrt.experiments.run_folder import RunFolder, RunFolderError
+from dlrt.experiments.schema import flatten
 
 
 @dataclass
@@ -49,17 +50,6 @@ class Experiment:
     failed: list[Run]
     unfinished: list[str]
     unreadable: list[str] = field(default_factory=list)  # "name: why"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"model": {"name": "fc"}} -> {"model.name": "fc"}; lists become tuples so values can be compared."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
 
 
 def load_runs(paths: list[Path], where: Path) -> Experiment:
