@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 
 from . import schema
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = schema.CONFIG_DIR  # configs/ in a checkout, dlrt/experiments/conf in a wheel
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 HELP = """dlrt-run: Dynamical Low-Rank Training (Schotthöfer et al., NeurIPS 2022) of the paper's networks. Each run
