@@ -1,4 +1,7 @@
-"""Small models and data shared by the tests."""
+"""Small models and data, and the ways to run dlrt-run, shared by the tests."""
+
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -49,8 +52,9 @@ def seeded(factory, seed: int = 0, dtype=torch.float64):
         torch.set_default_dtype(previous)
 
 
-def compose_config(overrides: list[str]):
-    """dlrt-run's resolved config for these overrides, as Hydra composes it."""
+def compose_config(overrides: list[str], with_hydra: bool = False):
+    """dlrt-run's resolved config for these overrides, as Hydra composes it (with_hydra: and Hydra's own, under
+    `hydra`, e.g. the launcher's)."""
     from hydra import compose, initialize_config_dir
 
     from dlrt.experiments.cli import CONFIG_DIR, register
@@ -58,10 +62,48 @@ def compose_config(overrides: list[str]):
     register()
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def pin_ranks(opt, r_min: list[int], r_max: list[int]) -> None:
     """Per-layer rank bounds (each layer then has a param group of its own)."""
     for layer, low, high in zip(opt.layers, r_min, r_max):
         opt.set_rank_bounds(layer, low, high)
+
+
+# --- dlrt-run and other processes, as a user starts them ------------------------------------------------------------
+
+# A run of seconds on synthetic data: the overrides every end-to-end test starts from (a later override of the same
+# key wins, so a test adds what it needs after these).
+QUICK = ["data=synthetic", "data.n_train=256", "data.n_val=64", "data.n_test=64", "epochs=1", "progress=false",
+         "threads=1"]
+
+
+def python(*args, cwd=None, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """This interpreter (the venv's) in a process of its own: `python ARGS`, its output captured as text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dlrt_run(*args, cwd, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """dlrt-run ARGS in a process of its own, run from `cwd`."""
+    return python("-m", "dlrt.cli", *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def start_dlrt_run(*args, cwd, **popen) -> subprocess.Popen:
+    """dlrt-run ARGS started and left running (to stop it, or to start a second beside it); text output."""
+    return subprocess.Popen([sys.executable, "-m", "dlrt.cli", *map(str, args)], cwd=cwd, text=True, **popen)
+
+
+def run_in_process(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """dlrt-run in this process (as the console script calls it): exit code and stderr."""
+    from dlrt.experiments import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["dlrt-run", *args])
+    try:
+        cli.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

@@ -3,8 +3,8 @@
 import csv
 import math
 import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from dlrt.bench import breakdown, cli, steps, timing_study
+
+from helpers import python
 
 ROOT = Path(__file__).resolve().parents[1]
 # as on a GPU machine that has torch but neither Hydra nor OmegaConf: importing them fails
@@ -29,8 +31,7 @@ def _positive(value: str) -> bool:
 
 def _python(code: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return python("-c", code, *args, cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,11 @@ def test_steps_csv(quick_run):
         methods = {(r["method"], r["phase"]) for r in rows if r["case"] == case}
         assert methods == {(m, p) for m in steps.STEP_METHODS for p in ("train", "infer")}
     assert all(_positive(r["median_ms"]) and _positive(r["ratio_to_dense"]) for r in rows)
-    assert all(float(r["ratio_to_dense"]) == 1 for r in rows if r["method"] == "dense")
+    # each ratio is to the dense step of its own case and phase (not dense_fused's, not another case's)
+    dense = {(r["case"], r["phase"]): float(r["median_ms"]) for r in rows if r["method"] == "dense"}
+    for r in rows:  # the CSV holds 4 significant digits
+        ratio = float(r["median_ms"]) / dense[r["case"], r["phase"]]
+        assert float(r["ratio_to_dense"]) == pytest.approx(ratio, rel=2e-3), r
     assert not any(r["error"] for r in rows)
     lenet = [r for r in rows if r["case"] == "lenet5_t0.15" and r["method"] == "adaptive_pinned"]
     assert all(r["ranks_start"] == r["ranks_end"] == "[9,16,28]" for r in lenet)
@@ -164,10 +169,17 @@ def test_bad_arguments():
         cli.parse_args(["--ranks", "0,5"])
 
 
-def test_every_option_has_its_quick_and_full_default():
+def test_an_option_left_out_takes_its_quick_or_full_size_and_its_help_states_the_full_one(capsys):
     quick, full = cli.parse_args(["--quick"]), cli.parse_args([])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
     for name, (small, large) in cli.DEFAULTS.items():
-        assert (getattr(quick, name), getattr(full, name)) == (small, large), name
+        assert (getattr(quick, name), getattr(full, name)) == (small, large), name  # filled in, not left None
+        assert small <= large, name  # --quick never runs the larger size
+        flag = "--" + name.replace("_", "-")
+        assert re.search(rf"{flag} [A-Z_]+ (?:(?!--)[^[])*\[{large:g}\]", usage), f"{flag}'s help lacks [{large:g}]"
+    assert cli.parse_args(["--quick", "--steps", "7"]).steps == 7  # what is given wins over --quick
     assert cli.parse_args(["--suite", "linalg, steps"]).suites == ("linalg", "steps")
     assert full.suites == tuple(cli.SUITES)
 
@@ -241,3 +253,4 @@ def test_basis_every_times_whole_cycles_and_measures_a_coefficient_step(tmp_path
     assert {r["case"] for r in rows} == {"timing_study_r8"}  # --memory-cases
     memory = {r["method"]: r for r in rows if r["optimizer"] == "sgd"}
     assert float(memory["adaptive_k3"]["peak_mib"]) < float(memory["adaptive"]["peak_mib"])
+

@@ -4,43 +4,22 @@ line (exit 2, nothing left behind)."""
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from dlrt.experiments import cli
 from dlrt.experiments.cli import CONFIG_DIR
 from dlrt.experiments.validate import validate
 
-from helpers import compose_config
-
-QUICK = ["data=synthetic", "data.n_train=256", "data.n_val=64", "data.n_test=64", "epochs=1", "progress=false",
-         "threads=1"]
+# QUICK and run_in_process are imported from here by other test files too
+from helpers import QUICK, compose_config, dlrt_run, python, run_in_process, start_dlrt_run  # noqa: F401
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def dlrt_run(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "dlrt.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def run_in_process(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
-    """dlrt-run in this process (as the console script calls it): exit code and stderr."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["dlrt-run", *args])
-    try:
-        cli.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -49,7 +28,12 @@ def test_every_model_and_method_composes_and_validates(model, method):
     authors = ["model.init=authors", "model.spectrum=one"] if method == "vanilla_frozen_convs" else []
     cfg = compose_config([f"model={model}", f"method={method}", *authors])
     validate(cfg)
-    assert cfg.model.name == model and cfg.method.name == method
+    # every value is given and every interpolation resolves (a key one model or method lacks would raise here)
+    assert not OmegaConf.missing_keys(cfg)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    # the names come from the option files, not from the override: a file copied from another that kept the other's
+    # name would train the other model or method under this one's name
+    assert (cfg.model.name, cfg.method.name) == (model, method)
 
 
 def test_defaults_follow_the_papers_recipe_per_model_and_an_optimizer_choice():
@@ -138,21 +122,20 @@ def test_a_users_own_config_folder_extends_ours(tmp_path):
 
 
 def test_shell_completion_installs():
-    result = subprocess.run([sys.executable, "-m", "dlrt.cli", "-sc", "install=bash"], capture_output=True, text=True,
-                            timeout=120)
+    result = dlrt_run("-sc", "install=bash", cwd=None, timeout=120)
     assert result.returncode == 0 and "hydra_bash_completion" in result.stdout
 
 
 def test_help_lists_groups_and_resolved_keys_without_importing_torch():
     code = "import sys; from dlrt.experiments import cli; print(cli.app_help(['model=fc'])); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    out = python("-c", code, timeout=120).stdout
     assert "model: fc, lenet5, resnet50, vgg16" in out and "epochs: 250" in out and "lr: 0.001" in out
     assert out.strip().endswith("False")  # --help stays fast: no torch, no trainer
 
 
 def test_two_identical_runs_at_once_one_says_the_folder_is_in_use(tmp_path):
     args = [*QUICK, "epochs=4", "data.n_train=2048", f"out_dir={tmp_path}"]
-    first = subprocess.Popen([sys.executable, "-m", "dlrt.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    first = start_dlrt_run(*args, cwd=tmp_path, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not list(tmp_path.glob("*/config.yaml")) and time.time() < deadline:  # the first holds the folder now
         time.sleep(0.1)

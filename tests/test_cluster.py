@@ -16,14 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import compose_config
+from helpers import QUICK, compose_config, dlrt_run, start_dlrt_run
 
-QUICK = ["model=fc", "model.width=32", "finetune.epochs=0", "data=synthetic", "data.n_val=64", "data.n_test=64",
-         "batch_size=64", "progress=false", "threads=1"]
-
-
-def dlrt(*args, cwd, timeout=600, launcher=("-m", "dlrt.cli")):
-    return subprocess.run([sys.executable, *launcher, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+# a small FC net without fine-tuning; each test says how many examples and epochs
+SMALL_FC = [*QUICK, "model=fc", "model.width=32", "finetune.epochs=0", "batch_size=64"]
 
 
 def free_port() -> int:
@@ -43,14 +39,14 @@ def only(pattern: str, folder: Path) -> Path:
 def test_two_nodes_over_loopback_train_one_run_folder_like_one_process(tmp_path):
     """torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d, both "nodes" on this machine: one run folder,
     the numbers of one process (449 examples: the last global batch holds one, so rank 1 steps on a stand-in)."""
-    args = [*QUICK, "data.n_train=449", "epochs=2", "tau=0.3", "optim=sgd", "lr=0.1"]
+    args = [*SMALL_FC, "data.n_train=449", "epochs=2", "tau=0.3", "optim=sgd", "lr=0.1"]
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopback",
                                "--local-addr=127.0.0.1", "-m", "dlrt.cli", *args, f"out_dir={tmp_path / 'nodes'}"],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
-    single = dlrt(*args, f"out_dir={tmp_path / 'single'}", cwd=tmp_path)
+    single = dlrt_run(*args, f"out_dir={tmp_path / 'single'}", cwd=tmp_path)
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     assert single.returncode == 0, single.stderr
@@ -78,10 +74,9 @@ def job_process(sweep_dir: Path, run_folder: str) -> int:
 
 
 def test_submitit_local_sweep_runs_jobs_apart_and_a_killed_job_resumes_when_resubmitted(tmp_path):
-    sweep = ["-m", "hydra/launcher=submitit_local", *QUICK, "data.n_train=4096", "epochs=6", "tau=0.1,0.3",
+    sweep = ["-m", "hydra/launcher=submitit_local", *SMALL_FC, "data.n_train=4096", "epochs=6", "tau=0.1,0.3",
              f"out_dir={tmp_path / 'sweep'}"]
-    first = subprocess.Popen([sys.executable, "-m", "dlrt.cli", *sweep], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = start_dlrt_run(*sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not list((tmp_path / "sweep").glob("*tau0.3*/checkpoint.pt")):  # the job of tau=0.3 is in epoch 2
         assert time.time() < deadline and first.poll() is None, first.communicate()
@@ -96,7 +91,7 @@ def test_submitit_local_sweep_runs_jobs_apart_and_a_killed_job_resumes_when_resu
     killed_at = torch.load(victim / "checkpoint.pt", weights_only=False)["epoch"] + 1  # epochs in its checkpoint
     assert 1 <= killed_at < 6
 
-    again = dlrt(*sweep, cwd=tmp_path)  # the same command again
+    again = dlrt_run(*sweep, cwd=tmp_path)  # the same command again
     assert again.returncode == 0, again.stderr
     logs = "".join(log.read_text() for log in (tmp_path / "sweep" / ".submitit").glob("*/*_log.err"))
     assert "skipping" in logs and "already finished" in logs  # the finished job
@@ -104,7 +99,7 @@ def test_submitit_local_sweep_runs_jobs_apart_and_a_killed_job_resumes_when_resu
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2
 
     # each job's folder is the folder, with the numbers, of an ordinary run of its settings
-    ordinary = dlrt(*[a for a in sweep if a not in ("-m", "hydra/launcher=submitit_local", "tau=0.1,0.3")], "tau=0.3",
+    ordinary = dlrt_run(*[a for a in sweep if a not in ("-m", "hydra/launcher=submitit_local", "tau=0.1,0.3")], "tau=0.3",
                     f"out_dir={tmp_path / 'ordinary'}", cwd=tmp_path)
     assert ordinary.returncode == 0, ordinary.stderr
     reference = only("*/", tmp_path / "ordinary")
@@ -124,17 +119,9 @@ SLURM_KEYS = {"_target_", "partition", "qos", "comment", "constraint", "exclude"
 
 
 def launcher_config(name: str) -> dict:
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from dlrt.experiments.cli import CONFIG_DIR, register
-    from hydra import compose, initialize_config_dir
-
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
-        return OmegaConf.to_container(cfg.hydra.launcher)
+    return OmegaConf.to_container(compose_config([f"hydra/launcher={name}"], with_hydra=True).hydra.launcher)
 
 
 def test_the_slurm_launcher_differs_from_the_local_one_only_in_cluster_keys():

@@ -7,7 +7,6 @@ import pty
 import struct
 import termios
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ import pytest
 
 from dlrt.bench import cli as bench_cli
 
-from test_cli import QUICK, run_in_process
+from helpers import QUICK, run_in_process, start_dlrt_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +28,8 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, ca
 def test_a_progress_bar_on_a_terminal(tmp_path):
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
-    process = subprocess.Popen([sys.executable, "-m", "dlrt.cli", *QUICK, "progress=true", f"out_dir={tmp_path}"],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=follower)
+    process = start_dlrt_run(*QUICK, "progress=true", f"out_dir={tmp_path}", cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=follower)
     os.close(follower)
     said = b""
     while True:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import python
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "published_adaptive.py"
 REPO = os.environ.get("DLRT_NET_REPO", "/work/.mirror/COMPiLELab+DLRT-Net/repo")
@@ -21,7 +23,7 @@ QUICK = ["--repo", REPO, "--tau", "0.13", "--seed", "0", "--data", "synthetic", 
 
 
 def _run(*args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return python(SCRIPT, *args, cwd=cwd, timeout=300)
 
 
 def test_train_records_every_epoch_and_selects_the_minimum_validation_loss(tmp_path):

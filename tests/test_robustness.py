@@ -3,7 +3,6 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,15 +20,15 @@ from dlrt.experiments.run_folder import RunFolder, RunFolderError
 from dlrt.experiments.runtime import configure_cpu
 from dlrt.experiments.train import TrainingDiverged, evaluate, train
 
-from helpers import compose_config
+from helpers import QUICK, compose_config, run_in_process, start_dlrt_run
 
-SMALL = ["data=synthetic", "data.n_train=2048", "data.n_val=256", "data.n_test=256", "model.rank=4",
-         "progress=false", "threads=1"]
+# runs long enough (epochs of 2048 examples) to be stopped in the middle of one
+SMALL = [*QUICK, "data.n_train=2048", "data.n_val=256", "data.n_test=256", "model.rank=4"]
 
 
 def start_run(out_dir, *args):
-    return subprocess.Popen([sys.executable, "-m", "dlrt.cli", *SMALL, f"out_dir={out_dir}", *args],
-                            cwd=out_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_dlrt_run(*SMALL, f"out_dir={out_dir}", *args, cwd=out_dir, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
 
 
 def only_run_dir(out_dir: Path) -> Path:
@@ -267,8 +266,6 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
     temporary file is left, the first epoch's checkpoint is intact, and the same command later resumes from it."""
     import errno
 
-    from test_cli import QUICK, run_in_process
-
     real_write = Path.write_bytes
     checkpoints = []
 
@@ -298,15 +295,12 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
 
 
 def test_out_dir_empty_is_refused_and_nothing_goes_to_the_root(tmp_path, monkeypatch, capsys):
-    from test_cli import QUICK, run_in_process
-
     code, err = run_in_process([*QUICK, "out_dir="], tmp_path, monkeypatch, capsys)
     assert code == 2 and "out_dir is empty" in err and not list(Path("/").glob("lenet5-synthetic-*"))
 
 
 def test_a_factorisation_that_fails_in_training_is_a_failed_run_in_one_line(tmp_path, monkeypatch, capsys):
     from dlrt import DLRTOptimizer
-    from test_cli import QUICK, run_in_process
 
     def step(self, closure=None):
         closure()

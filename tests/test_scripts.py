@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import python
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "parallel_runs.sh"
 
@@ -36,8 +38,10 @@ def test_runs_every_command_with_its_own_log(tmp_path):
 
 
 def test_jobs_run_at_the_same_time(tmp_path):
-    _, two_at_once = _run(tmp_path, ["sleep 2", "sleep 2"], "2")
-    assert two_at_once < 3.5
+    """The first job waits (up to 5 s) for a file the second writes: run one after the other, it would give up."""
+    wait_for_b = "for i in $(seq 50); do [ -e b ] && exit 0; sleep 0.1; done; exit 1"
+    result, _ = _run(tmp_path, [wait_for_b, "touch b"], "2")
+    assert "END   #1 rc=0" in result.stdout, result.stdout
 
 
 def test_deadline_stops_running_commands_and_skips_the_rest(tmp_path):
@@ -51,8 +55,9 @@ def test_deadline_stops_running_commands_and_skips_the_rest(tmp_path):
 def test_count_ops_sees_the_gpu_path_skip_the_cpus_checks():
     counts = {}
     for flag in ([], ["--gpu-path"]):
-        out = subprocess.run([sys.executable, str(SCRIPTS / "count_ops.py"), *flag], capture_output=True, text=True,
-                             check=True, timeout=300).stdout
+        result = python(SCRIPTS / "count_ops.py", *flag, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = result.stdout
         counts[bool(flag)] = {(case, method): (int(total), int(kernels)) for case, method, total, kernels in
                               re.findall(r"^(\S+)\s+(dense|adaptive)\s+total (\d+) \((\d+) not views\)", out, re.M)}
     for path in (False, True):
@@ -113,17 +118,17 @@ def test_published_fixed_rank_summary_pools_the_epoch_one_accuracies_of_each_lab
         run.mkdir(parents=True)
         run.joinpath("epochs.csv").write_text(f"epoch,test_acc,val_loss,ranks\n1,{acc},0.5,2 2\n2,99.9,0.1,2 2\n")
         run.joinpath("summary.json").write_text(f'{{"status": "completed", "seed": {seed}}}')
-    out = subprocess.run([sys.executable, str(SCRIPTS / "published_fixed_rank.py"), "summary", "--published",
-                          "published.jsonl", "--dlrt", "ours", "table/run-a", "--dlrt", "ours", "extra/*"], cwd=tmp_path,
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    result = python(SCRIPTS / "published_fixed_rank.py", "summary", "--published", "published.jsonl", "--dlrt", "ours",
+                    "table/run-a", "--dlrt", "ours", "extra/*", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
     assert "| published code, decay 1 | 2 | 50.0, 70.0 | 60.00 ± 14.14 |" in out  # in seed order
     assert "| ours | 2 | 20.0, 40.0 | 30.00 ± 14.14 |" in out  # epoch 1 only, the unmatched folder left out
     assert "| the paper (the authors' 10 result files) | 10 | | 80.96 ± 6.95 |" in out
 
 
 def test_published_fixed_rank_says_in_one_line_when_repo_is_not_a_clone(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPTS / "published_fixed_rank.py"), "train", "--repo", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = python(SCRIPTS / "published_fixed_rank.py", "train", "--repo", tmp_path, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith(f"--repo {tmp_path}: cannot read UV_vanilla/Lenet5_dlrt.py at HEAD")
     assert "Traceback" not in result.stderr

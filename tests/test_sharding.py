@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import types
 from collections import Counter
 from pathlib import Path
@@ -30,7 +28,7 @@ from dlrt.experiments.data.sharding import tensor_batches, tensor_chunks
 from dlrt.experiments.runtime import Workers
 from dlrt.experiments.train import evaluate, train_epoch
 
-from helpers import compose_config
+from helpers import compose_config, python
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("DLRT_DATA_ROOT", REPO / "data"))
@@ -292,8 +290,7 @@ def test_two_workers_train_lenet5_on_mnist_as_one_process(mnist_root, tmp_path):
             "threads=1"]
     for name, launcher in [("ddp", ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.cli"]),
                            ("single", ["-m", "dlrt.cli"])]:
-        result = subprocess.run([sys.executable, *launcher, *args, f"out_dir={tmp_path / name}"], capture_output=True,
-                                text=True, timeout=600, cwd=tmp_path)
+        result = python(*launcher, *args, f"out_dir={tmp_path / name}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     import pandas as pd
 
