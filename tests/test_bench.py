@@ -254,3 +254,51 @@ def test_basis_every_times_whole_cycles_and_measures_a_coefficient_step(tmp_path
     memory = {r["method"]: r for r in rows if r["optimizer"] == "sgd"}
     assert float(memory["adaptive_k3"]["peak_mib"]) < float(memory["adaptive"]["peak_mib"])
 
+
+def test_the_suites_run_only_when_named_are_left_out_of_all():
+    assert set(cli.parse_args([]).suites) == set(cli.SUITES)
+    assert not set(cli.SUITES) & set(cli.NAMED_ONLY)
+    assert cli.parse_args(["--suite", "profile,steps"]).suites == ("profile", "steps")
+    for args in (["--suite", "throughput", "--tp-precisions", "fp16"], ["--suite", "throughput", "--tp-images", "5"],
+                 ["--suite", "torchvision", "--tv-models", "vgg11"], ["--suite", "torchvision", "--tv-steps", "0"],
+                 ["--suite", "profile", "--profile-method", "adaptive_graphed", "--device", "cpu"],
+                 ["--suite", "profile", "--profile-steps", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(args)
+    assert cli.parse_args(["--suite", "steps", "--profile-steps", "0"]).suites == ("steps",)  # checked when it runs
+
+
+def test_the_profile_suite_times_then_profiles_a_small_timing_study(tmp_path, capsys):
+    args = ["--suite", "profile", "--profile-case", "timing_study", "--profile-rank", "4", "--width", "32",
+            "--ts-batch", "8", "--profile-method", "fixed", "--profile-rows", "40", "--device", "cpu", "--threads", "1"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"timing_study fixed, ranks \[4,4,4,4\], batch 8, 1 thread\(s\): median step [0-9.]+ ms", out)
+    rows = _rows(tmp_path / "profile.csv")
+    operations = {r["operation"] for r in rows}
+    assert "aten::linalg_qr" in operations and "dlrt::qr" in operations  # the fixed-rank basis update, labelled
+    assert all(float(r["self_cpu_ms"]) >= 0 and int(r["calls"]) >= 1 for r in rows)
+    assert [float(r["self_cpu_ms"]) for r in rows] == sorted((float(r["self_cpu_ms"]) for r in rows), reverse=True)
+
+
+def test_the_torchvision_suite_counts_and_times_resnet50(tmp_path):
+    args = ["--suite", "torchvision", "--tv-models", "resnet50", "--tv-batch", "1", "--tv-steps", "1", "--device", "cpu",
+            "--threads", "1", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    (row,) = _rows(tmp_path / "torchvision.csv")
+    # the committed figures (results/bench/torchvision_nets.csv): 52 layers converted of 25502912 weights
+    assert (row["model"], row["converted_layers"], row["full_rank_weight_params"]) == ("resnet50", "52", "25502912")
+    assert _positive(row["dense_step_ms"]) and _positive(row["adaptive_step_ms"])
+    assert float(row["ratio"]) == pytest.approx(float(row["adaptive_step_ms"]) / float(row["dense_step_ms"]), rel=1e-3)
+
+
+def test_the_throughput_suite_counts_every_image_of_one_and_two_processes(tmp_path):
+    args = ["--suite", "throughput", "--tp-images", "40", "--tp-image-size", "32", "--tp-batch", "8",
+            "--tp-loader-workers", "0", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    rows = _rows(tmp_path / "throughput.csv")
+    assert [(r["processes"], r["phase"], r["precision"]) for r in rows] == [
+        ("1", "input", "-"), ("1", "train", "fp32"), ("2", "input", "-"), ("2", "train", "fp32")]
+    # 40 generated, 4 held out: an epoch reads every training image once, in one process or two
+    assert {r["images"] for r in rows} == {"36"}
+    assert all(_positive(r["images_per_s"]) for r in rows)

@@ -1,5 +1,5 @@
 """The scripts: parallel_runs.sh runs a file of commands a few at a time, with an optional deadline;
-count_ops.py counts the operations of a training step; profile_step.py profiles one;
+count_ops.py counts the operations of a training step;
 probe_graph_capture.py finds what a CUDA graph can hold; published_fixed_rank.py sums up the runs of
 ERRATA finding 2."""
 import os
@@ -84,15 +84,6 @@ def test_gpu_checks_packs_every_suite_even_when_one_fails(tmp_path):
     subprocess.run(["tar", "-xzf", str(tmp_path / "out" / "gpu_bench.tar.gz"), "-C", str(tmp_path), "./steps.txt"],
                    check=True)
     assert "adaptive_k10" in (tmp_path / "steps.txt").read_text()  # issue 26: k = 10 beside k = 1
-
-
-def test_profile_step_times_then_profiles_a_small_timing_study():
-    result = subprocess.run([sys.executable, str(SCRIPTS / "profile_step.py"), "--case", "timing_study", "--rank", "4",
-                             "--width", "32", "--batch", "8", "--method", "fixed", "--rows", "40"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"timing_study fixed, ranks \[4, 4, 4, 4\], batch 8, 1 thread\(s\): median step [0-9.]+ ms", result.stdout)
-    assert "aten::linalg_qr" in result.stdout  # the fixed-rank basis update was profiled
 
 
 def test_probe_graph_capture_checks_each_call_and_fails_on_a_wrong_result(tmp_path, monkeypatch):

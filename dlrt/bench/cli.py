@@ -5,6 +5,9 @@
     dlrt-bench --out results/bench            # the committed results: only when asked by path
     dlrt-bench --suite steps --device cuda
     dlrt-bench --suite timing_study --ranks 5,20,80,320
+    dlrt-bench --suite profile --profile-case timing_study --profile-method fixed --threads 1
+    dlrt-bench --suite torchvision --threads 1    # VGG16, ResNet-50 at ImageNet shapes (only when named, as profile
+    dlrt-bench --suite throughput                 # and throughput: each module's docstring says more)
     python -m dlrt.bench --quick --out /tmp/b # seconds: tiny sizes, for tests
 
 It needs torch (and tqdm, matplotlib), never Hydra or OmegaConf: it runs from a plain checkout on a GPU machine.
@@ -24,13 +27,17 @@ import torch
 from dlrt.experiments.run_folder import RunFolderError
 from dlrt.optim import SVD_PLACES
 
-from . import breakdown, linalg_suite, memory_suite, steps, timing_study
+from . import (breakdown, linalg_suite, memory_suite, profile_suite, steps, throughput_suite, timing_study,
+               torchvision_suite)
 from .output import Meta, Report, contention_warning, report_errors, write_rows
 from .timing_study import CPU_TIMING_RANKS, PAPER_TIMING_RANKS
 
 # each suite: run(args, device, meta) -> rows, report(rows, args, meta, say)
 SUITES = {"steps": steps, "timing_study": timing_study, "breakdown": breakdown, "linalg": linalg_suite,
           "memory": memory_suite}
+# run only when named: a diagnostic of one case (profile), minutes of torchvision's nets, processes of their own
+# (throughput); each adds its own options (add_arguments) and checks them (check_arguments)
+NAMED_ONLY = {"profile": profile_suite, "torchvision": torchvision_suite, "throughput": throughput_suite}
 
 DEFAULT_OUT = "bench_out"  # untracked: a bench run never overwrites the committed results/bench unless asked
 # option: (with --quick, without)
@@ -80,7 +87,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="dlrt-bench", description="Time DLRT training steps and inference against "
                                 "dense training, in one process (dlrt.bench).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", default="all", help=f"comma-separated subset of {','.join(SUITES)}, or 'all'")
+    p.add_argument("--suite", default="all", help=f"comma-separated subset of {','.join(SUITES)}, or 'all' (all of "
+                   f"these); {', '.join(NAMED_ONLY)} run only when named")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=_count(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSVs and the plot (results/bench holds the "
@@ -122,16 +130,20 @@ def parse_args(argv):
                    help="where the rank-adaptive steps take the SVDs of their cores (DLRTOptimizer's svd_on)")
     p.add_argument("--wait-idle", type=_seconds, default=0.0,
                    help="before each case wait up to this many seconds for other processes to leave the CPU")
+    for suite in NAMED_ONLY.values():
+        suite.add_arguments(p)
     args = p.parse_args(argv)
 
     for name, (small, full) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, small if args.quick else full)
     suites = tuple(SUITES) if args.suite == "all" else tuple(s.strip() for s in args.suite.split(",") if s.strip())
-    unknown = [s for s in suites if s not in SUITES]
+    unknown = [s for s in suites if s not in SUITES and s not in NAMED_ONLY]
     if unknown:
-        p.error(f"unknown suite(s) {', '.join(unknown)}: choose from {', '.join(SUITES)} or 'all'")
+        p.error(f"unknown suite(s) {', '.join(unknown)}: choose from {', '.join([*SUITES, *NAMED_ONLY])} or 'all'")
     args.suites = suites
+    for suite in NAMED_ONLY.values():
+        suite.check_arguments(args, p.error)
     if not args.out.strip():
         p.error("--out is empty: give a folder")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -181,7 +193,7 @@ def run_suites(args, device: torch.device, meta: Meta) -> int:
     say(f"command: {meta.fields['command']} (code {meta.fields['code_version']})")
     if args.quick:
         say("--quick: tiny sizes and few steps; the numbers below are not meaningful")
-    for name, suite in SUITES.items():
+    for name, suite in {**SUITES, **NAMED_ONLY}.items():
         if name not in args.suites:
             continue
         report.section()
