@@ -10,6 +10,12 @@
 # stopped at it. dlrt-run checkpoints every epoch and skips finished runs, so calling this again with the
 # same file resumes what was stopped and starts what never ran. Each command's output goes to
 # LOG_DIR (default: logs/parallel_runs)/<line number>.log; a line per start and end goes to stdout.
+#
+# Why not Hydra's joblib launcher (`dlrt-run -m hydra/launcher=joblib`)? It runs one sweep of one command line, with
+# no deadline (a sweep stopped from outside loses its job list, and joblib gives no way to stop at a time and say
+# what did not start), no log per job, and it is an extra dependency. The missing runs are many unrelated commands
+# (other experiments, models, widths), and a lent machine's time ends at a known second: this script starts none
+# after it, stops what runs then, and the same call resumes.
 set -uo pipefail
 file=${1:?usage: parallel_runs.sh COMMANDS_FILE [JOBS] [SECONDS]}
 jobs=${2:-4}

@@ -1,6 +1,7 @@
-"""scripts/published_adaptive.py: the published rank-adaptive LeNet5 run on dlrt's data (the LeNet5 offset of
-results/ERRATA.md). Their code is read from a clone of COMPiLELab/DLRT-Net: /work/.mirror's, or the one that
-DLRT_NET_REPO names; without one (CI has no network) these tests are skipped."""
+"""published_adaptive.py (beside its results in results/diagnostics/lenet5_published_adaptive): the published
+rank-adaptive LeNet5 run on dlrt's data (the LeNet5 offset of results/ERRATA.md). Their code is read from a clone of
+COMPiLELab/DLRT-Net: /work/.mirror's, or the one that DLRT_NET_REPO names; without one (CI has no network) these
+tests are skipped."""
 import json
 import os
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 
 from helpers import python
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-SCRIPT = SCRIPTS / "published_adaptive.py"
+HERE = Path(__file__).resolve().parents[1] / "results" / "diagnostics" / "lenet5_published_adaptive"
+SCRIPT = HERE / "published_adaptive.py"
 REPO = os.environ.get("DLRT_NET_REPO", "/work/.mirror/COMPiLELab+DLRT-Net/repo")
 HAVE_CLONE = subprocess.run(["git", "-C", REPO, "cat-file", "-e", "HEAD:optimizer_KLS/dlrt_optimizer.py"],
                             capture_output=True).returncode == 0
@@ -46,7 +47,7 @@ def test_train_records_every_epoch_and_selects_the_minimum_validation_loss(tmp_p
 
 
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(HERE))
     import published_adaptive as script
 
     args = ["train", *QUICK, "--epochs", "2", "--steps", "2"]
@@ -100,7 +101,7 @@ def test_summary_reads_the_authors_result_files_and_the_finished_mnist_runs(tmp_
 
 
 def _script(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.syspath_prepend(str(HERE))
     import published_adaptive as script
 
     return script

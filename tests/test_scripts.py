@@ -1,7 +1,7 @@
 """The scripts: parallel_runs.sh runs a file of commands a few at a time, with an optional deadline;
-count_ops.py counts the operations of a training step;
-probe_graph_capture.py finds what a CUDA graph can hold; published_fixed_rank.py sums up the runs of
-ERRATA finding 2."""
+count_ops.py counts the operations of a training step; probe_graph_capture.py finds what a CUDA graph can hold;
+gpu_checks.sh packs the GPU benchmarks; published_fixed_rank.py (beside its results in
+results/diagnostics/dlrt_vs_uv_sigma1) sums up the runs of ERRATA finding 2."""
 import os
 import re
 import subprocess
@@ -15,6 +15,7 @@ from helpers import python
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "parallel_runs.sh"
+FIXED_RANK = SCRIPTS.parent / "results" / "diagnostics" / "dlrt_vs_uv_sigma1" / "published_fixed_rank.py"
 
 
 def _run(tmp_path, lines, *args):
@@ -109,8 +110,8 @@ def test_published_fixed_rank_summary_pools_the_epoch_one_accuracies_of_each_lab
         run.mkdir(parents=True)
         run.joinpath("epochs.csv").write_text(f"epoch,test_acc,val_loss,ranks\n1,{acc},0.5,2 2\n2,99.9,0.1,2 2\n")
         run.joinpath("summary.json").write_text(f'{{"status": "completed", "seed": {seed}}}')
-    result = python(SCRIPTS / "published_fixed_rank.py", "summary", "--published", "published.jsonl", "--dlrt", "ours",
-                    "table/run-a", "--dlrt", "ours", "extra/*", cwd=tmp_path, timeout=120)
+    result = python(FIXED_RANK, "summary", "--published", "published.jsonl", "--dlrt", "ours", "table/run-a", "--dlrt",
+                    "ours", "extra/*", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "| published code, decay 1 | 2 | 50.0, 70.0 | 60.00 ± 14.14 |" in out  # in seed order
@@ -119,7 +120,7 @@ def test_published_fixed_rank_summary_pools_the_epoch_one_accuracies_of_each_lab
 
 
 def test_published_fixed_rank_says_in_one_line_when_repo_is_not_a_clone(tmp_path):
-    result = python(SCRIPTS / "published_fixed_rank.py", "train", "--repo", tmp_path, timeout=120)
+    result = python(FIXED_RANK, "train", "--repo", tmp_path, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith(f"--repo {tmp_path}: cannot read UV_vanilla/Lenet5_dlrt.py at HEAD")
     assert "Traceback" not in result.stderr

@@ -5,12 +5,13 @@ repository): UV_vanilla/Lenet5_dlrt.py, my_conv_dlrt.py, Linear_layer_new_dlrt.p
 optimizer_KLS/dlrt_optimizer.py, run with the training loop of UV_vanilla/dlrt_factorization_run.py (SGD lr 0.01,
 batch 128) on the authors' split of `experiment=dlrt_vs_uv_authors` (dlrt.experiments.data, split=train_test).
 
+    D=results/diagnostics/dlrt_vs_uv_sigma1   # this script's folder, from the repository's root
     # their code for one epoch: the test accuracy, and the training loss every 50 steps (one JSON line)
-    python scripts/published_fixed_rank.py train --repo DLRT-Net --decay 1 --seed 0
+    python $D/published_fixed_rank.py train --repo DLRT-Net --decay 1 --seed 0
     # their code and dlrt's method=fixed from the same initial factors on the same batches, side by side
-    python scripts/published_fixed_rank.py same-start --repo DLRT-Net --decay 1 --seed 0 --steps 469
+    python $D/published_fixed_rank.py same-start --repo DLRT-Net --decay 1 --seed 0 --steps 469
     # epoch-1 accuracies of `train` JSON lines and of dlrt-run folders beside the paper's
-    python scripts/published_fixed_rank.py summary --published runs.jsonl --dlrt LABEL "RUN FOLDERS (a glob)" ...
+    python $D/published_fixed_rank.py summary --published runs.jsonl --dlrt LABEL "RUN FOLDERS (a glob)" ...
 """
 
 import argparse

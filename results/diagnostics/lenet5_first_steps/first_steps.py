@@ -4,7 +4,7 @@ Shows how fast a large ϑ collapses the ranks before the net has learnt anything
 relative to the current core, so on the flat spectrum of a random initialisation every step cuts
 the same share of the remaining rank.
 
-    python scripts/first_steps.py --tau 0.45 --seed 0 --steps 390 --every 25
+    python results/diagnostics/lenet5_first_steps/first_steps.py --tau 0.45 --seed 0 --steps 390 --every 25
 """
 
 import argparse

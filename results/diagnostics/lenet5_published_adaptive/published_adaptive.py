@@ -9,12 +9,13 @@ split of the 70k pooled images drawn from the seed (dlrt.experiments.data, split
 is evaluated as dlrt-run evaluates (losses and accuracies over all images), and the run's epoch is the one of
 minimum validation loss, the paper's rule.
 
+    D=results/diagnostics/lenet5_published_adaptive   # this script's folder, from the repository's root
     # one run, resumable: OUT/lenet5-published-adaptive-tau0.13-seed0/{epochs.csv, summary.json}
-    python scripts/published_adaptive.py train --repo DLRT-Net --tau 0.13 --seed 0 --out OUT --threads 1
+    python $D/published_adaptive.py train --repo DLRT-Net --tau 0.13 --seed 0 --out OUT --threads 1
     # their step and dlrt's method=adaptive from the same initial factors on the same batches, side by side
-    python scripts/published_adaptive.py same-start --repo DLRT-Net --tau 0.13 --seed 0 --steps 100
+    python $D/published_adaptive.py same-start --repo DLRT-Net --tau 0.13 --seed 0 --steps 100
     # per ϑ: the paper's result files, their code here and dlrt's runs, each at its epoch of minimum val loss
-    python scripts/published_adaptive.py summary --repo DLRT-Net --published OUT --dlrt results/runs/lenet5_mnist
+    python $D/published_adaptive.py summary --repo DLRT-Net --published OUT --dlrt results/runs/lenet5_mnist
 """
 
 import argparse
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# their fixed-rank code's loader and same-start loop live beside the fixed-rank finding's results (ERRATA finding 2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dlrt_vs_uv_sigma1"))
 from published_fixed_rank import CLASSIFIER, LOW_RANK_LAYERS, import_published, paired_steps, their_step
 from dlrt import DLRTOptimizer
 from dlrt.experiments.data import load_data
