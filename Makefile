@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 RUN := $(VENV)/bin/dlrt-run
-.PHONY: setup run test reproduce-tables bench clean
+.PHONY: setup run test test-fast reproduce-tables bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# `make test` is the whole suite (CI runs it); `make test-fast` the unit tests only, under 2 minutes: the end-to-end
+# tests (marked slow in tests/conftest.py: processes, training runs, the wheel, the Hydra app) are left out.
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # One thread: beside another busy process a second thread makes LAPACK stall (tests/conftest.py says more).
 run: $(STAMP)
