@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import integrators as ig
+from . import integrators
 from . import linalg
 from .distributed import all_reduce_mean, world_size
 from .groups import rule_key
@@ -52,7 +52,7 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     grad_S = P1.T @ layer.S.grad @ Q1  # U1^T G V1
     _move_states(step, P1, Q1)
     dK, dL = directions([(state["K"], grad_K, group), (state["L"], grad_L, group)])
-    count = ig.augmentation_size(r1, layer.out_dim, layer.in_dim)
+    count = integrators.augmentation_size(r1, layer.out_dim, layer.in_dim)
     U_new, V_new = linalg.new_directions_of_many([U1, V1], [dK, dL], [count, count], projected=checked_shortcuts)
     block = layer.project_gradient(U_new, V_new)
     if step.edit_scale is not None:
@@ -60,19 +60,21 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     layer.step_inputs.clear()
     if world_size() > 1:
         all_reduce_mean([block])
-    grad = ig.augmented_gradient(grad_S, grad_K, grad_L, U_new, V_new, block)
+    grad = integrators.augmented_gradient(grad_S, grad_K, grad_L, U_new, V_new, block)
     size = grad.shape[0]
     state["S"] = lift_state(state["S"], size)
     (dS,) = directions([(state["S"], grad, group)])
     # K's state has V's columns, L's U's: the new directions start with none
     state["K"], state["L"] = lift_columns(state["K"], size), lift_columns(state["L"], size)
-    core = ig.augmented_core(torch.diag(sigma1), size) - group["lr"] * dS
+    core = integrators.augmented_core(torch.diag(sigma1), size) - group["lr"] * dS
     layer.set_factors(torch.cat([U1, U_new], dim=1), core, torch.cat([V1, V_new], dim=1))
 
 
 def lift_columns(state: dict, size: int) -> dict:
-    """A K or L state (rows x r, Adam's masses 1 x r) with zero columns for the new directions, `size` in all."""
-    return {key: torch.nn.functional.pad(value, (0, size - value.shape[1])) for key, value in state.items()}
+    """A K or L state (rows x r, Adam's masses 1 x r) with zero columns for the new directions, `size` in all; its
+    numbers (state_policy='restart' keeps a step count) as they are."""
+    return {key: torch.nn.functional.pad(value, (0, size - value.shape[1])) if value.dim() == 2 else value
+            for key, value in state.items()}
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """One DLRT step per method, over the low-rank layers of a step: the functional core of DLRTOptimizer.
 
-A step is taken in two halves around one host synchronisation (dlrt.graphs replays each half from a CUDA
-graph): `prepare` computes what can be computed without reading a device value on the host (the augmented
-cores), the optimizer takes the cores' SVDs and truncation decisions (`decide_ranks`), reads the new ranks
-once, and `finish` writes the new factors and optimizer states. Each method is one class with those two
-halves; `METHODS` maps a method's name to it.
+A step is taken in two halves around one host synchronisation (dlrt.step_paths orders them, dlrt.graphs replays
+each half from a CUDA graph): `prepare` computes what can be computed without reading a device value on the host
+(the augmented cores), `decide_ranks` takes the cores' SVDs and truncation decisions, the new ranks are read once,
+and `finish` writes the new factors and optimizer states. Each method is one class with those two halves; `METHODS`
+maps a method's name to it.
 
 Each layer of a step is a LayerStep: the layer, its optimizer state ({"K", "L", "S"}: the update rule's state
 of each factor, as matrices in the layer's current bases) and its param group (lr, ϑ, rank bounds, rule).
@@ -24,11 +24,11 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import basis_cycle
-from . import integrators as ig
+from . import integrators
 from . import linalg
 from .distributed import all_reduce_mean
 from .groups import rule_key
-from .layers import _LowRankLayer
+from .layers import LowRankLayer
 from .update_rules import change_basis, lift_state, make_rule
 
 
@@ -44,7 +44,7 @@ def part(name: str):
 
 @dataclass
 class LayerStep:
-    layer: _LowRankLayer
+    layer: LowRankLayer
     state: dict  # {"K": {...}, "L": {...}, "S": {...}}
     group: dict  # the layer's param group
     r_min: int  # the layer's rank bounds (its group's, capped by the layer's size)
@@ -67,23 +67,6 @@ class StepPlan:
     new_ranks: torch.Tensor | None = None  # one per step, where the SVDs were taken
     coefficient_steps: list[LayerStep] = field(default_factory=list)  # layers of groups between basis steps
     edits_unhonoured: torch.Tensor | None = None  # whether a layer's S.grad was edited other than by a rescaling
-
-
-# layerwise=None (DLRTOptimizer) takes a rank-changing CPU step one layer at a time when the factors U, V of all
-# layers hold more than this: below it the per-layer calls cost more time than the memory they save is worth (LeNet5
-# and the FC nets stay batched; the timing study's factors hold 3 MiB at rank 20, 13 at 80, 105 at 640).
-LAYERWISE_MIN_BYTES = 8 * 2 ** 20
-
-
-def factor_numel(layer: _LowRankLayer) -> int:
-    return layer.U.numel() + layer.V.numel()
-
-
-def large_cpu_factors(layers: list[_LowRankLayer]) -> bool:
-    """Whether the layers' factors are on a CPU, where host reads are free, and hold more than LAYERWISE_MIN_BYTES."""
-    if not layers or layers[0].U.device.type != "cpu":
-        return False
-    return sum(map(factor_numel, layers)) * layers[0].U.element_size() > LAYERWISE_MIN_BYTES
 
 
 def note_gradient_edits(steps: list[LayerStep]) -> torch.Tensor | None:
@@ -150,6 +133,7 @@ class Method:
     passes = 1
     changes_ranks = False
     records_step_inputs = False  # whether the layers' backward must record x and dy (StepInputs)
+    trains_bases = True  # whether U and V need gradients (s_only freezes them: the backward skips G V, G^T U)
 
     def prepare(self, plan: StepPlan, world_size: int) -> None:
         """The half before the host sync; nothing in it may read a device value on the host."""
@@ -169,7 +153,7 @@ class _RankAdaptive(Method):
             return
         kl = kl_directions(steps)
         # the new directions Ũ, Ṽ from the K- and L-step directions; all U's and V's of the same shape in one QR
-        counts = [ig.augmentation_size(s.layer.rank, s.layer.out_dim, s.layer.in_dim) for s in steps]
+        counts = [integrators.augmentation_size(s.layer.rank, s.layer.out_dim, s.layer.in_dim) for s in steps]
         with part("qr"):
             bases = [s.layer.U.detach() for s in steps] + [s.layer.V.detach() for s in steps]
             directions = [dK for dK, _ in kl] + [dL for _, dL in kl]
@@ -198,8 +182,8 @@ class _RankAdaptive(Method):
             P1, Q1 = P[:, :r1], Qh[:r1].T
             U_new, V_new = step.new_bases
             with part("set_factors"):
-                layer.set_factors(ig.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
-                                  ig.rotate(layer.V.detach(), V_new, Q1))
+                layer.set_factors(integrators.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
+                                  integrators.rotate(layer.V.detach(), V_new, Q1))
             with part("state_moves"):
                 state["K"] = change_basis(state["K"], rule, policy, None, Q1[:r0])  # V0^T V1
                 state["L"] = change_basis(state["L"], rule, policy, None, P1[:r0])  # U0^T U1
@@ -221,13 +205,13 @@ class Adaptive(_RankAdaptive):
             s.layer.step_inputs.clear()  # x and dy are done with: freed before the cores are made (issue 18)
         if world_size > 1:
             all_reduce_mean(blocks)
-        grads = [ig.augmented_gradient(s.layer.S.grad, s.layer.U.grad, s.layer.V.grad, *s.new_bases, block)
+        grads = [integrators.augmented_gradient(s.layer.S.grad, s.layer.U.grad, s.layer.V.grad, *s.new_bases, block)
                  for s, block in zip(steps, blocks)]
         with part("state_moves"):
             for step, grad in zip(steps, grads):
                 step.state["S"] = lift_state(step.state["S"], grad.shape[0])
         for step, grad, dS in zip(steps, grads, s_directions(steps, grads)):
-            step.core = ig.augmented_core(step.layer.S.detach(), grad.shape[0]) - step.group["lr"] * dS
+            step.core = integrators.augmented_core(step.layer.S.detach(), grad.shape[0]) - step.group["lr"] * dS
 
 
 class Parallel(_RankAdaptive):
@@ -239,12 +223,14 @@ class Parallel(_RankAdaptive):
     def cores(self, steps, kl, world_size):
         for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps]), kl):
             lr = step.group["lr"]
-            step.core = ig.parallel_core(step.layer.S.detach() - lr * dS, dK, dL, *step.new_bases, lr)
+            step.core = integrators.parallel_core(step.layer.S.detach() - lr * dS, dK, dL, *step.new_bases, lr)
             step.state["S"] = lift_state(step.state["S"], step.core.shape[0])
 
 
 class SOnly(Method):
     """U and V frozen, S trained (the fine-tuning phase of the paper's ImageNet protocol)."""
+
+    trains_bases = False
 
     def finish(self, plan, new_ranks):
         s_steps(plan.steps)
@@ -266,15 +252,16 @@ class Fixed(Method):
 
     passes = 2
 
-    def basis_update(self, steps: list[LayerStep], checked_shortcuts: bool) -> None:
+    @staticmethod
+    def basis_update(steps: list[LayerStep], checked_shortcuts: bool) -> None:
         qr = lambda X: linalg.tall_qr(X, checked=checked_shortcuts)
         for step, (dK, dL) in zip(steps, kl_directions(steps)):
             layer, state, policy = step.layer, step.state, step.group["state_policy"]
             rule, lr = make_rule(*rule_key(step.group)), step.group["lr"]
             U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
             with part("qr"):
-                U1, S_tilde, V1, U_overlap, V_overlap = ig.fixed_rank_basis(
-                    U0, S0, V0, ig.k_step(U0, S0, dK, lr), ig.l_step(V0, S0, dL, lr), qr=qr)
+                U1, S_tilde, V1, U_overlap, V_overlap = integrators.fixed_rank_basis(
+                    U0, S0, V0, integrators.k_step(U0, S0, dK, lr), integrators.l_step(V0, S0, dL, lr), qr=qr)
             with part("set_factors"):
                 layer.set_factors(U1, S_tilde, V1)
             with part("state_moves"):
@@ -307,12 +294,6 @@ def decomposed(step: LayerStep) -> torch.Tensor:
     return step.layer.S.detach() if step.in_cycle else step.core
 
 
-def ranks_after(plan: StepPlan, new_ranks: list[int]) -> list[int]:
-    """The layers' ranks once `finish` has run: the truncated ranks, augmented again in a cycle's basis step."""
-    return [r1 + ig.augmentation_size(r1, s.layer.out_dim, s.layer.in_dim) if s.in_cycle else r1
-            for s, r1 in zip(plan.steps, new_ranks)]
-
-
 def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]) -> None:
     """The SVD of each core (of the current S in a cycle's basis step) and all truncation decisions as one tensor
     (plan.new_ranks). `bounds`: ϑ, relative, r_min and r_max per step as tensors on the device where the ranks are
@@ -327,11 +308,11 @@ def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]
     for step, svd in zip(plan.steps, found):
         step.svd = svd
     with part("truncation"):
-        plan.new_ranks = ig.truncation_rank_tensor(sigmas, *bounds)
+        plan.new_ranks = integrators.truncation_rank_tensor(sigmas, *bounds)
 
 
 @torch.no_grad()
-def absorb_singular_values(layers: list[_LowRankLayer]) -> None:
+def absorb_singular_values(layers: list[LowRankLayer]) -> None:
     """W = U S V^T -> (U √S)(V √S)^T with S = I: the factorisation vanilla training steps on."""
     for layer in layers:
         P, sigma, Qh = torch.linalg.svd(layer.S)

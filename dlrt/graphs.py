@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import functional as fns
+from . import step_paths
 from .basis_cycle import BASIS_CLOCK, is_basis_step
 from .optim import LOW_RANK_KEYS, DLRTOptimizer
 
@@ -60,7 +60,7 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, optimizer: DLRTOptimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], graphs=None,
                  check_loss: Callable[[torch.Tensor], None] | None = None, on_failure: str = "raise"):
-        if optimizer.method == "fixed":
+        if optimizer.passes == 2:
             raise ValueError("method='fixed' takes a second forward/backward inside its step; graph 'adaptive', "
                              "'parallel', 's_only' or 'vanilla'")
         if on_failure not in ("raise", "eager"):
@@ -165,14 +165,14 @@ class GraphedStep:
         plan = graphs.plan
         self.opt.decide_ranks(plan)
         if graphs.svds is not None:  # graph 2 reads the SVDs from where they were at its capture
-            for step, static in zip(plan.steps, graphs.svds):
+            for step, static in zip(step_paths.ranked_steps(plan.steps), graphs.svds):
                 for into, fresh in zip(static, step.svd):
                     into.copy_(fresh)
                 step.svd = static
         new_ranks = plan.new_ranks.tolist() if plan.new_ranks is not None else None
         self.opt.warn_unhonoured_edits(plan.edits_unhonoured)
-        old_ranks = [step.layer.rank for step in plan.steps]
-        if new_ranks is not None and fns.ranks_after(plan, new_ranks) != old_ranks:
+        old_ranks = [step.layer.rank for step in step_paths.ranked_steps(plan.steps)]
+        if new_ranks is not None and step_paths.ranks_after(plan, new_ranks) != old_ranks:
             _put(self.opt, graphs.states_between)  # after a replay the dict holds the states graph 1 reads
             self.opt.finish_step(plan, new_ranks)  # new Parameters: every graph is done
             self.opt.schedule_next_step()
@@ -184,7 +184,7 @@ class GraphedStep:
             self.opt.schedule_next_step()
             return graphs.loss, graphs.output
         graphs.second = self.graphs.new_graph(shared_with=graphs.first)
-        graphs.svds = [step.svd for step in plan.steps] if plan.new_ranks is not None else None
+        graphs.svds = [step.svd for step in step_paths.ranked_steps(plan.steps)] if plan.new_ranks is not None else None
         try:
             with graphs.second.capture():
                 self.opt.finish_step(plan, new_ranks)
@@ -227,14 +227,14 @@ class _KeyGraphs:
 
 
 def step_settings(opt: DLRTOptimizer) -> tuple:
-    """Every Python number a step reads: the method, the ranks and every param group's settings (learning rates,
+    """Every Python number a step reads: the ranks and every param group's settings (its method, learning rate,
     ϑ, rank bounds, the update rule's). A graph keeps the numbers it was captured with, so it is captured anew
     whenever this changes."""
     plain = (int, float, bool, str, tuple, type(None))
     skipped = LOW_RANK_KEYS + (BASIS_CLOCK,)  # the clock: basis_steps says what of it a step reads
     groups = tuple(tuple(sorted((k, v) for k, v in group.items() if k not in skipped and isinstance(v, plain)))
                    + (len(group.get("layers", ())),) for group in opt.param_groups)
-    return opt.method, tuple(opt.ranks()), groups
+    return tuple(opt.ranks()), groups
 
 
 def basis_steps(opt: DLRTOptimizer) -> tuple[bool, ...]:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import _LowRankLayer, low_rank_layers
+from .layers import LowRankLayer, low_rank_layers
 from .update_rules import RULES, STATE_POLICIES, make_rule
 
 # The keys of each update rule, named as torch's optimizers name them. A param group holds its rule's keys only, as
@@ -66,16 +66,16 @@ def check_hyperparameters(group: dict) -> None:
     make_rule(name, momentum, betas, eps)  # checks the rule's own (momentum and betas in [0, 1))
 
 
-def bounds(layer: _LowRankLayer, group: dict) -> tuple[int, int]:
+def bounds(layer: LowRankLayer, group: dict) -> tuple[int, int]:
     r_max = layer.max_rank // 2 if group["r_max"] is None else min(group["r_max"], layer.max_rank)
     return min(group["r_min"], layer.max_rank), r_max
 
 
-def factors(layers: list[_LowRankLayer]) -> list[nn.Parameter]:
+def factors(layers: list[LowRankLayer]) -> list[nn.Parameter]:
     return [p for layer in layers for p in (layer.U, layer.S, layer.V)]
 
 
-def layers_of(items) -> list[_LowRankLayer]:
+def layers_of(items) -> list[LowRankLayer]:
     items = [items] if isinstance(items, nn.Module) else list(items)
     if not all(isinstance(item, nn.Module) for item in items):
         raise TypeError("DLRTOptimizer takes the model (or modules holding its low-rank layers), not its parameters: "

@@ -75,12 +75,6 @@ def fixed_rank_basis(U0, S0, V0, K1, L1, qr=torch.linalg.qr):
     return U1, U_overlap.T @ S0 @ V_overlap, V1, U_overlap, V_overlap
 
 
-def truncation_ranks(sigmas: list[torch.Tensor], tau, relative, r_min: torch.Tensor, r_max: torch.Tensor) -> list[int]:
-    """truncation_rank_tensor as a list: one host synchronisation for all layers. Kept only until
-    tests/test_optim.py's truncation section, moved to tests/test_integrators.py, is deleted: nothing else calls it."""
-    return truncation_rank_tensor(sigmas, tau, relative, r_min, r_max).tolist()
-
-
 def truncation_rank_tensor(sigmas: list[torch.Tensor], tau, relative, r_min: torch.Tensor,
                            r_max: torch.Tensor) -> torch.Tensor:
     """New ranks for many layers at once: for each descending σ (length p), the smallest r1 with

@@ -150,9 +150,6 @@ class LowRankLayer(nn.Module):
         out_dim x in_dim matrix W). Formed for tests, metrics and export only: training never forms it."""
         return (self.U @ self.S @ self.V.T).reshape(self.weight_shape)
 
-    def dense_matrix(self) -> torch.Tensor:  # kept until the tests and scripts/published_adaptive.py call dense_weight
-        return self.dense_weight().flatten(1)
-
     @torch.no_grad()
     def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
         """Replace the factors, possibly at a new rank.
@@ -374,4 +371,3 @@ def low_rank_layers(model: nn.Module) -> list[LowRankLayer]:
     return [m for m in model.modules() if isinstance(m, LowRankLayer)]
 
 
-_LowRankLayer = LowRankLayer  # kept until optim/functional/graphs/basis_cycle/groups move (and metrics)

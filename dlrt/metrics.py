@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import _LowRankLayer
+from .layers import LowRankLayer
 
 CONVENTIONS = ("honest", "paper")
 MODES = ("eval", "train")
@@ -68,7 +68,7 @@ def weight_shapes(model: nn.Module) -> list[WeightShape]:
     """The weight matrices that count: low-rank layers, and dense nn.Linear / nn.Conv2d weights."""
     shapes = []
     for name, module in model.named_modules():
-        if isinstance(module, _LowRankLayer):
+        if isinstance(module, LowRankLayer):
             shapes.append(WeightShape(name, module.out_dim, module.in_dim, module.rank))
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             weight = module.weight

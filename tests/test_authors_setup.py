@@ -127,10 +127,10 @@ def test_authors_uv_baseline_keeps_the_convs_undecayed_and_decays_fc1():
     model, _ = authors_baseline("pow10")
     conv1, conv2, fc1 = low_rank_layers(model)
     for conv in (conv1, conv2):
-        sigma = torch.linalg.svdvals(conv.dense_matrix().detach().double())[:20]
+        sigma = torch.linalg.svdvals(conv.dense_weight().flatten(1).detach().double())[:20]
         assert float(sigma[9] / sigma[0]) > 1e-2  # sorted |N(0,1)| draws, not 10^-9 at k = 9
         assert not any(p.requires_grad for p in (conv.U, conv.S, conv.V))
-    sigma = torch.linalg.svdvals(fc1.dense_matrix().detach().double())
+    sigma = torch.linalg.svdvals(fc1.dense_weight().flatten(1).detach().double())
     assert float(sigma[5] / sigma[0]) < 1e-3  # 10^-k
     assert fc1.U.requires_grad and fc1.V.requires_grad
 

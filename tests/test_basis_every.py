@@ -3,6 +3,7 @@ cycle trained, augment with this batch's gradient, S-step at the augmented bases
 steps (S and the dense parameters only) between; k = 1 is the paper's step."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_a_coefficient_step_is_the_plain_s_step_of_the_same_point():
     plain_step(model, opt, *batch_for(model, seed=0))  # the basis step
     x, y = batch_for(model, seed=1)
     layers = low_rank_layers(model)
-    weights = [layer.dense_matrix().detach().clone().requires_grad_() for layer in layers]
+    weights = [layer.dense_weight().flatten(1).detach().clone().requires_grad_() for layer in layers]
     dense_model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).double()
     with torch.no_grad():
         for index, low_rank, weight in zip((0, 2), layers, weights):
@@ -124,6 +125,17 @@ def test_a_run_resumed_in_the_middle_of_a_cycle_continues_bit_identically(optimi
     for batch in batches[6:]:
         plain_step(resumed, opt, *batch)
     assert all(torch.equal(p, q) for p, q in zip(snapshot(straight), snapshot(resumed)))
+
+
+@pytest.mark.parametrize("policy", ["project", "keep", "reset", "restart"])
+def test_cycles_train_under_every_state_policy(policy):
+    """The new directions of a basis step start with zero state columns, whatever the policy keeps (restart keeps
+    a step count, a number, not columns)."""
+    model = seeded(small_cnn)
+    opt = DLRTOptimizer(model, lr=1e-2, tau=0.1, optimizer="adam", state_policy=policy, basis_every=3)
+    losses = [plain_step(model, opt, *batch_for(model, seed=n % 2)) for n in range(7)]
+    opt.truncate()
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
 def test_groups_keep_their_own_cycles():
@@ -192,17 +204,17 @@ def test_the_basis_step_of_a_cycle_is_the_galerkin_step_at_the_augmented_bases()
     plain_step(model, opt, x, y)
     for layer, w0, G in zip(low_rank_layers(model), start, grads):
         U, V = layer.U.detach(), layer.V.detach()
-        torch.testing.assert_close(layer.dense_matrix().detach(), w0 - 0.3 * U @ U.T @ G @ V @ V.T)
+        torch.testing.assert_close(layer.dense_weight().flatten(1).detach(), w0 - 0.3 * U @ U.T @ G @ V @ V.T)
 
 
 def weights(model) -> list[torch.Tensor]:
-    return [layer.dense_matrix().detach().clone() for layer in low_rank_layers(model)]
+    return [layer.dense_weight().flatten(1).detach().clone() for layer in low_rank_layers(model)]
 
 
 def dense_gradients(model, x, y) -> list[torch.Tensor]:
     """dL/dW of each low-rank layer at its current weight, by plain autograd on W."""
     layers = low_rank_layers(model)
-    dense = [layer.dense_matrix().detach().clone().requires_grad_() for layer in layers]
+    dense = [layer.dense_weight().flatten(1).detach().clone().requires_grad_() for layer in layers]
     originals = [layer.forward for layer in layers]
     try:
         for layer, W in zip(layers, dense):

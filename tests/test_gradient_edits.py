@@ -19,7 +19,7 @@ def backward(model, x, y, scale: float = 1.0):
 
 
 def weights(model) -> list[torch.Tensor]:
-    return [layer.dense_matrix().detach().clone() for layer in low_rank_layers(model)]
+    return [layer.dense_weight().flatten(1).detach().clone() for layer in low_rank_layers(model)]
 
 
 def step_with(edit, factory=small_mlp, scale: float = 1.0, **kwargs):

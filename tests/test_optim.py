@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlrt import METHODS, DLRTOptimizer, LowRankConv2d, LowRankLinear, low_rank_layers
-from dlrt.integrators import truncation_ranks
 from dlrt.functional import StepPlan
-from dlrt.optim import HOST_SVD_MAX_SIZE
+from dlrt.placement import HOST_SVD_MAX_SIZE, Placement
+from dlrt.step_paths import takes_layer_by_layer
 
 from helpers import batch_for, seeded, small_cnn, small_mlp
 
@@ -54,43 +54,7 @@ def test_tau_zero_doubles_rank_up_to_r_max():
     assert opt.ranks() == [12, 10]  # 30x40 -> r_max 15; 20x30 -> r_max 10
 
 
-# --- truncation ------------------------------------------------------------------------------
-
-def ranks_for(sigmas, tau, relative=True, r_min=1, r_max=100):
-    sigmas = [torch.tensor(s, dtype=torch.float64) for s in sigmas]
-    n = len(sigmas)
-    return truncation_ranks(sigmas, tau, relative, torch.full((n,), r_min), torch.full((n,), r_max))
-
-
-def test_truncation_tail_includes_the_last_singular_value():
-    # ‖σ‖ = 1: dropping only σ_4 = 0.3 leaves a tail 0.3 <= 0.35 -> rank 3; the published code,
-    # which leaves σ_2r out of the tail, would cut one more.
-    sigma = [0.8, 0.4, 0.332, 0.3]
-    s = torch.tensor(sigma, dtype=torch.float64)
-    sigma = (s / s.norm()).tolist()
-    assert ranks_for([sigma], 0.35) == [3]
-    tail_34 = torch.tensor(sigma[2:], dtype=torch.float64).norm().item()
-    assert ranks_for([sigma], tail_34 + 1e-9) == [2]
-    assert ranks_for([sigma], tail_34 - 1e-9) == [3]
-
-
-def test_truncation_keeps_2r_when_no_cut_qualifies_and_for_tau_zero():
-    assert ranks_for([[1.0, 1.0, 1.0, 1.0]], 0.1) == [4]
-    assert ranks_for([[1.0, 0.5, 0.0, 0.0]], 0.0) == [4]
-
-
-def test_truncation_is_clamped_and_vectorised_over_layers():
-    sigmas = [[1.0, 1e-3, 1e-4, 1e-5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5]]
-    assert ranks_for(sigmas, 0.01) == [1, 6, 2]
-    assert ranks_for(sigmas, 0.01, r_min=2, r_max=5) == [2, 5, 2]
-
-
-def test_absolute_tolerance():
-    sigma = [[10.0, 1.0, 0.1, 0.01]]
-    assert ranks_for(sigma, 0.2, relative=False) == [2]
-    assert ranks_for(sigma, 1.1, relative=False) == [1]
-    assert ranks_for(sigma, 0.2, relative=True) == [1]
-
+# --- rank bounds in training -------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["adaptive", "parallel"])
 def test_ranks_stay_within_bounds_in_training(method):
@@ -211,7 +175,7 @@ def test_a_layer_by_layer_step_is_the_batched_step_bit_for_bit(optimizer):
         model = seeded(small_cnn)
         lr, tau = (0.5, 0.05) if optimizer == "sgd" else (0.05, 0.1)
         opt = DLRTOptimizer(model, lr=lr, tau=tau, optimizer=optimizer, momentum=0.9, layerwise=layerwise)
-        assert opt._steps_layer_by_layer() is layerwise
+        assert takes_layer_by_layer(opt.low_rank_groups, opt.placement()) is layerwise
         ranks = [opt.ranks()]
         for step in range(4):
             x, y = batch_for(model, seed=step)
@@ -230,46 +194,47 @@ def test_a_layer_by_layer_step_is_the_batched_step_bit_for_bit(optimizer):
 
 def test_a_layer_by_layer_step_takes_the_layers_with_the_smallest_factors_first(monkeypatch):
     """The largest layer's temporaries are made last, when the others' records and gradients are freed."""
-    import dlrt.functional as fns
+    import dlrt.functional as functional
 
     model = seeded(lambda: nn.Sequential(LowRankLinear(20, 64, 8), nn.ReLU(), LowRankLinear(64, 8, 2), nn.ReLU(),
                                          LowRankLinear(8, 32, 4), nn.ReLU(), nn.Linear(32, 4)))  # 672, 144, 160 numbers
     opt = DLRTOptimizer(model, lr=0.1, layerwise=True)
-    order, make_plan = [], fns.StepPlan
+    order, decide_ranks = [], functional.decide_ranks
 
-    def recording_plan(steps, *args, **kwargs):
-        order.extend(opt.layers.index(step.layer) for step in steps)
-        return make_plan(steps, *args, **kwargs)
+    def recording_decide_ranks(plan, *args):
+        order.extend(opt.layers.index(step.layer) for step in plan.steps)
+        return decide_ranks(plan, *args)
 
-    monkeypatch.setattr(fns, "StepPlan", recording_plan)
+    monkeypatch.setattr(functional, "decide_ranks", recording_decide_ranks)
     x, y = batch_for(model)
     train_step(model, opt, x, y)
     assert order == [1, 2, 0]
 
 
 def test_layerwise_by_default_only_for_large_factors_of_a_rank_changing_cpu_step():
-    small = DLRTOptimizer(seeded(small_mlp), lr=0.1)
-    assert not small._steps_layer_by_layer()
-    large = DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1)
-    assert large._steps_layer_by_layer()
-    assert not DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1,
-                             method="s_only")._steps_layer_by_layer()
+    def layer_by_layer(opt):
+        return takes_layer_by_layer(opt.low_rank_groups, opt.placement())
+
+    assert not layer_by_layer(DLRTOptimizer(seeded(small_mlp), lr=0.1))
+    assert layer_by_layer(DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1))
+    assert not layer_by_layer(DLRTOptimizer(nn.Sequential(LowRankLinear(2048, 2048, rank=640)), lr=0.1,
+                                            method="s_only"))
 
 
 def test_svd_on_auto_takes_the_host_for_small_cores_of_a_gpu_step_only():
-    def plan(is_cuda, *sizes):
-        return StepPlan([SimpleNamespace(core=SimpleNamespace(is_cuda=is_cuda, shape=(k, k)), in_cycle=False)
-                         for k in sizes])
+    def cores(is_cuda, *sizes):
+        return [SimpleNamespace(is_cuda=is_cuda, shape=(k, k)) for k in sizes]
 
     opt = DLRTOptimizer(seeded(small_mlp), lr=0.1)
-    assert opt.svd_on == "auto"
-    assert opt._svds_on_host(plan(True, 18, HOST_SVD_MAX_SIZE))
-    assert not opt._svds_on_host(plan(True, 18, HOST_SVD_MAX_SIZE + 2))  # one large core: all on the GPU
-    assert not opt._svds_on_host(plan(False, 18, 56))  # a CPU step is on the host already
-    opt.svd_on = "host"
-    assert opt._svds_on_host(plan(True, 18, 4 * HOST_SVD_MAX_SIZE))
-    opt.svd_on = "device"
-    assert not opt._svds_on_host(plan(True, 18))
+    auto = opt.placement()
+    assert auto.svd_on == "auto" and all(group["svd_on"] == "auto" for group in opt.low_rank_groups)
+    assert auto.svds_on_host(cores(True, 18, HOST_SVD_MAX_SIZE))
+    assert not auto.svds_on_host(cores(True, 18, HOST_SVD_MAX_SIZE + 2))  # one large core: all on the GPU
+    assert not auto.svds_on_host(cores(False, 18, 56))  # a CPU step is on the host already
+    for group in opt.low_rank_groups:  # a switch is a param-group value, changed in place
+        group["svd_on"] = "host"
+    assert opt.placement().svds_on_host(cores(True, 18, 4 * HOST_SVD_MAX_SIZE))
+    assert not Placement(svd_on="device").svds_on_host(cores(True, 18))
 
 
 @pytest.mark.parametrize("policy", ["project", "keep", "reset"])
@@ -402,7 +367,7 @@ def test_a_layer_at_full_rank_steps_without_new_directions(make, method):
         opt.zero_grad()
         layer(x).square().mean().backward()
         opt.step()
-    assert layer.rank == layer.max_rank and torch.isfinite(layer.dense_matrix()).all()
+    assert layer.rank == layer.max_rank and torch.isfinite(layer.dense_weight().flatten(1)).all()
 
 
 def test_wrong_first_arguments_and_ranks_are_explained():

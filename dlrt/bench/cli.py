@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dlrt.experiments.run_folder import RunFolderError
-from dlrt.optim import SVD_PLACES
+from dlrt.placement import SVD_PLACES
 
 from . import (breakdown, linalg_suite, memory_suite, profile_suite, steps, throughput_suite, timing_study,
                torchvision_suite)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dlrt import integrators as ig
 from dlrt import linalg
 from dlrt.layers import low_rank_layers
-from dlrt.optim import HOST_SVD_MAX_SIZE
+from dlrt.placement import HOST_SVD_MAX_SIZE
 
 from .cases import Case, build, step_cases
 from .output import Meta, table
