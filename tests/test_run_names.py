@@ -64,7 +64,7 @@ def test_every_committed_record_is_found_by_the_command_in_its_summary():
     summaries = sorted(RESULTS.glob("*/*/summary.json"))
     assert len(summaries) >= 50
     for path in summaries:
-        args = [a for a in shlex.split(json.loads(path.read_text())["command"])[1:] if a not in ("-m", "dlrt.cli")]
+        args = [a for a in shlex.split(json.loads(path.read_text())["command"])[1:] if a not in ("-m", "dlrt.cli", "dlrt.experiments")]
         cfg, name = composed(args)
         assert f"{path.parent.parent.name}/{path.parent.name}" in folder_names(cfg, name), path
         assert not config_differences(RunFolder(path.parent).config(), cfg), path

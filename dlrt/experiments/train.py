@@ -237,7 +237,7 @@ def cfg_command() -> str:
 
     from hydra.core.hydra_config import HydraConfig
 
-    program = "dlrt-run" if sys.argv[0].endswith("dlrt-run") else "python -m dlrt.cli"
+    program = "dlrt-run" if sys.argv[0].endswith("dlrt-run") else "python -m dlrt.experiments"
     try:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not under Hydra (a test calling train directly)

@@ -151,13 +151,14 @@ def provenance(experiment: Experiment, protocol: TableProtocol, rows: list[dict]
 
 def command_lines(commands) -> list[str]:
     """The distinct commands, shortest first, each runnable: the program as its name (`dlrt-run`, or
-    `python -m dlrt.cli` where the module was run), and commands that differ only in their seed merged into
+    `python -m dlrt.experiments` where the module was run: records before 2026-12-06 say `dlrt.cli`), and commands that differ only in their seed merged into
     one Hydra sweep (`-m ... seed=2,3,4`), which reruns them all."""
     seeds_of: dict[tuple, set[str]] = defaultdict(set)
     for command in commands:
         program, *args = shlex.split(command)
-        program = "python -m dlrt.cli" if program.endswith(".py") or program == "python" else os.path.basename(program)
-        args = [a for a in args if a not in ("-m", "dlrt.cli", "--multirun")]
+        module = program.endswith(".py") or program == "python"
+        program = "python -m dlrt.experiments" if module else os.path.basename(program)
+        args = [a for a in args if a not in ("-m", "dlrt.cli", "dlrt.experiments", "--multirun")]
         seeds = [a.removeprefix("seed=") for a in args if a.startswith("seed=")]
         key = (program, tuple(None if a.startswith("seed=") else a for a in args))  # None: where the seed goes
         seeds_of[key].update(",".join(seeds).split(",") if seeds else [])
