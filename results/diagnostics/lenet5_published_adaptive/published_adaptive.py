@@ -209,7 +209,7 @@ def same_start(args) -> None:
                 else:
                     r = layer.dynamic_rank
                     w_theirs = layer.U[:, :r] @ layer.S_hat[:r, :r] @ layer.V[:, :r].T
-                    w_ours = ours[i].dense_matrix()
+                    w_ours = ours[i].dense_weight().flatten(1)
                 diffs.append(f"{float((w_ours - w_theirs).norm() / w_theirs.norm()):.1e}")
         print(f"{step:4d}  {their_loss:13.5f}  {our_loss:11.5f}  {str(their_ranks(theirs)):>14}  "
               f"{str(our_optimizer.ranks()):>12}  {' '.join(diffs)}", flush=True)
