@@ -57,3 +57,20 @@ def test_the_configs_are_the_ones_at_the_top_of_the_checkout():
     from pathlib import Path
 
     assert schema.CONFIG_DIR.resolve() == Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_the_runs_optimizer_holds_plain_values_so_a_checkpoint_loads_without_the_harness(tmp_path):
+    """The schema's enums (state_policy, svd_on) reach the optimizer as strings: its state_dict, in every
+    checkpoint, then loads with torch.load's weights_only, which refuses classes of dlrt.experiments."""
+    import torch
+
+    from dlrt.experiments.runtime import make_optimizer
+    from helpers import small_mlp
+
+    cfg = compose_config(["method=adaptive", "optim=adam", "data=synthetic", "svd_on=host"])
+    opt = make_optimizer(cfg, small_mlp(), "adaptive")
+    settings = {key: value for group in opt.low_rank_groups for key, value in group.items()
+                if key not in ("layers", "params")}
+    assert all(type(value) in (int, float, bool, str, tuple, type(None)) for value in settings.values()), settings
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    torch.load(tmp_path / "opt.pt", weights_only=True)

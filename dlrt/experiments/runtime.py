@@ -134,15 +134,17 @@ def freeze_convs_as_authors(model) -> None:
 def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
     """The optimizer of one phase: `method` is cfg.method.name, or finetune.method for the fine-tuning phase. The
     method's and the update rule's keys are DLRTOptimizer's arguments; those a group lacks take its defaults."""
+    # plain strings, not the schema's enums: the optimizer's state_dict holds its settings, and a checkpoint must
+    # load without the harness (torch.load's weights_only)
     settings = {key: value for group in (cfg.method, cfg.optim)
-                for key, value in OmegaConf.to_container(group, resolve=True).items() if key != "name"}
+                for key, value in OmegaConf.to_container(group, resolve=True, enum_to_str=True).items() if key != "name"}
     if "betas" in settings:
         settings["betas"] = tuple(settings["betas"])
     if method != cfg.method.name:
         settings["basis_every"] = 1  # a fine-tuning phase steps its bases at every batch
     return DLRTOptimizer(
         model, lr=cfg.lr, tau=cfg.tau, method=METHODS[method].steps_as if method in METHODS else method,
-        optimizer=cfg.optim.name, svd_on=cfg.svd_on, **settings,
+        optimizer=str(cfg.optim.name), svd_on=str(cfg.svd_on), **settings,
         checked_shortcuts=False if cfg.cuda_graphs else None,  # a graph cannot hold their host-side checks
     )
 
