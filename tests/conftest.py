@@ -18,7 +18,7 @@ SLOW_FILES = {
     "test_wheel.py",  # builds and installs a wheel
     "test_distributed.py", "test_published_adaptive.py", "test_scripts.py", "test_layering.py",  # processes
     "test_cli.py", "test_run_names.py", "test_config_properties.py", "test_missing_runs.py",  # dlrt-run's config
-    "test_protocols.py", "test_sweep_tables.py",
+    "test_protocols.py", "test_sweep_tables.py", "test_defaults.py", "test_unused_keys.py",
 }
 # fixtures that run something end to end once for the tests that read what it wrote
 SLOW_FIXTURES = {

@@ -87,12 +87,12 @@ def python(*args, cwd=None, env=None, timeout: float = 600) -> subprocess.Comple
 
 def dlrt_run(*args, cwd, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
     """dlrt-run ARGS in a process of its own, run from `cwd`."""
-    return python("-m", "dlrt.cli", *args, cwd=cwd, env=env, timeout=timeout)
+    return python("-m", "dlrt.experiments", *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def start_dlrt_run(*args, cwd, **popen) -> subprocess.Popen:
     """dlrt-run ARGS started and left running (to stop it, or to start a second beside it); text output."""
-    return subprocess.Popen([sys.executable, "-m", "dlrt.cli", *map(str, args)], cwd=cwd, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "dlrt.experiments", *map(str, args)], cwd=cwd, text=True, **popen)
 
 
 def run_in_process(args, cwd, monkeypatch, capsys) -> tuple[int, str]:

@@ -61,7 +61,7 @@ def test_end_to_end_run_on_synthetic_data(tmp_path):
     assert all(epochs[f"rank_{i}"].iloc[0] < full[i] for i in range(3))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["selected_epoch"] == 1
-    assert summary["command"].startswith("python -m dlrt.cli model=lenet5 tau=0.3 data=synthetic")
+    assert summary["command"].startswith("python -m dlrt.experiments model=lenet5 tau=0.3 data=synthetic")
 
     again = dlrt_run("model=lenet5", "tau=0.3", *QUICK, "lr=0.05", "threads=2", f"out_dir={tmp_path}", cwd=tmp_path)
     assert again.returncode == 0 and "skipping" in again.stderr and "already finished" in again.stderr  # same folder

@@ -43,7 +43,7 @@ def test_two_nodes_over_loopback_train_one_run_folder_like_one_process(tmp_path)
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopback",
-                               "--local-addr=127.0.0.1", "-m", "dlrt.cli", *args, f"out_dir={tmp_path / 'nodes'}"],
+                               "--local-addr=127.0.0.1", "-m", "dlrt.experiments", *args, f"out_dir={tmp_path / 'nodes'}"],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     single = dlrt_run(*args, f"out_dir={tmp_path / 'single'}", cwd=tmp_path)

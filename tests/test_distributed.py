@@ -56,8 +56,8 @@ def test_torchrun_trains_one_run_folder_like_a_single_process(tmp_path):
 
     args = ["data=synthetic", "data.n_train=512", "model=fc", "model.width=64", "epochs=2", "batch_size=64",
             "progress=false", "threads=1", "finetune.epochs=0", "optim=sgd", "lr=0.1"]
-    for name, launcher in [("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.cli"]),
-                           ("single", [sys.executable, "-m", "dlrt.cli"])]:
+    for name, launcher in [("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.experiments"]),
+                           ("single", [sys.executable, "-m", "dlrt.experiments"])]:
         result = subprocess.run([*launcher, *args, f"out_dir={tmp_path / name}"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
     (ddp,), (single,) = (list((tmp_path / name).glob("*/epochs.csv")) for name in ("ddp", "single"))

@@ -288,8 +288,8 @@ def test_two_workers_train_lenet5_on_mnist_as_one_process(mnist_root, tmp_path):
     """601 training images at batch 128: four global batches of 64 + 64 and one of 45 + 44."""
     args = ["model=lenet5", f"data.root={mnist_root}", "data.subset=601", "epochs=2", "tau=0.15", "progress=false",
             "threads=1"]
-    for name, launcher in [("ddp", ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.cli"]),
-                           ("single", ["-m", "dlrt.cli"])]:
+    for name, launcher in [("ddp", ["-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.experiments"]),
+                           ("single", ["-m", "dlrt.experiments"])]:
         result = python(*launcher, *args, f"out_dir={tmp_path / name}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     import pandas as pd
@@ -299,7 +299,7 @@ def test_two_workers_train_lenet5_on_mnist_as_one_process(mnist_root, tmp_path):
     assert list(rows["ddp"]["ranks"]) == list(rows["single"]["ranks"])
     losses = max(float(((rows["ddp"][k] - rows["single"][k]).abs() / rows["single"][k].abs()).max())
                  for k in ("train_loss", "val_loss", "test_loss"))
-    ours, theirs = (dense_weights(torch.load(folder / "checkpoint.pt", weights_only=False)["model"])
+    ours, theirs = (dense_weights(torch.load(folder / "checkpoint.pt")["model"])
                     for folder in (ddp, single))
     weights = max(max_rel(ours[key], theirs[key]) for key in theirs)
     print(f"\nLeNet5 on MNIST, 2 workers vs 1 process: max relative difference of losses {losses:.2e}, of weights "

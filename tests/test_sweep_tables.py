@@ -17,7 +17,7 @@ def myruns(tmp_path_factory):
     """A user's sweep: two ϑ × two seeds, and a dense run beside it."""
     root = tmp_path_factory.mktemp("sweep")
     for args in (["-m", "tau=0.1,0.4", "seed=0,1"], ["method=dense"]):
-        result = subprocess.run([sys.executable, "-m", "dlrt.cli", *args, *QUICK, "out_dir=myruns"], cwd=root,
+        result = subprocess.run([sys.executable, "-m", "dlrt.experiments", *args, *QUICK, "out_dir=myruns"], cwd=root,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
     return root

@@ -213,12 +213,13 @@ def test_markdown_header_says_how_it_was_made(made):
 def test_commands_that_differ_only_in_their_seed_are_merged():
     commands = [f"/x/.venv/bin/dlrt-run -m experiment=e method=fixed seed={s} out_dir=a" for s in (10, 2, 3)]
     commands += ["/x/.venv/bin/dlrt-run -m experiment=e method=fixed seed=0,1 out_dir=a",  # a sweep already
-                 "/y/dlrt/cli.py -m experiment=e method=vanilla seed=2 'name=a b'",  # python -m dlrt.cli
+                 "/y/dlrt/cli.py -m experiment=e method=vanilla seed=2 'name=a b'",  # python -m dlrt.cli (old records)
+                 "python -m dlrt.experiments experiment=e method=vanilla seed=3 'name=a b'",
                  "dlrt-run -m experiment=e method=vanilla"]
     assert command_lines(commands) == [  # each runnable: -m where it sweeps, and only there
         "dlrt-run experiment=e method=vanilla",
         "dlrt-run -m experiment=e method=fixed seed=0,1,2,3,10 out_dir=a",
-        "python -m dlrt.cli experiment=e method=vanilla seed=2 'name=a b'",
+        "python -m dlrt.experiments -m experiment=e method=vanilla seed=2,3 'name=a b'",
     ]
 
 
