@@ -66,7 +66,7 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     (dS,) = directions([(state["S"], grad, group)])
     # K's state has V's columns, L's U's: the new directions start with none
     state["K"], state["L"] = lift_columns(state["K"], size), lift_columns(state["L"], size)
-    core = integrators.augmented_core(torch.diag(sigma1), size) - group["lr"] * dS
+    core = integrators.gradient_step(integrators.augmented_core(torch.diag(sigma1), size), dS, group["lr"])
     layer.set_factors(torch.cat([U1, U_new], dim=1), core, torch.cat([V1, V_new], dim=1))
 
 

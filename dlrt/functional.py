@@ -211,7 +211,8 @@ class Adaptive(_RankAdaptive):
             for step, grad in zip(steps, grads):
                 step.state["S"] = lift_state(step.state["S"], grad.shape[0])
         for step, grad, dS in zip(steps, grads, s_directions(steps, grads)):
-            step.core = integrators.augmented_core(step.layer.S.detach(), grad.shape[0]) - step.group["lr"] * dS
+            step.core = integrators.gradient_step(integrators.augmented_core(step.layer.S.detach(), grad.shape[0]), dS,
+                                                  step.group["lr"])
 
 
 class Parallel(_RankAdaptive):
@@ -223,7 +224,8 @@ class Parallel(_RankAdaptive):
     def cores(self, steps, kl, world_size):
         for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps]), kl):
             lr = step.group["lr"]
-            step.core = integrators.parallel_core(step.layer.S.detach() - lr * dS, dK, dL, *step.new_bases, lr)
+            S1 = integrators.gradient_step(step.layer.S.detach(), dS, lr)
+            step.core = integrators.parallel_core(S1, dK, dL, *step.new_bases, lr)
             step.state["S"] = lift_state(step.state["S"], step.core.shape[0])
 
 
@@ -242,8 +244,8 @@ class Vanilla(Method):
 
     def finish(self, plan, new_ranks):
         for step, (dU, dV) in zip(plan.steps, kl_directions(plan.steps)):
-            step.layer.U.sub_(step.group["lr"] * dU)
-            step.layer.V.sub_(step.group["lr"] * dV)
+            step.layer.U.copy_(integrators.gradient_step(step.layer.U, dU, step.group["lr"]))
+            step.layer.V.copy_(integrators.gradient_step(step.layer.V, dV, step.group["lr"]))
 
 
 class Fixed(Method):
@@ -277,7 +279,7 @@ def s_steps(steps: list[LayerStep]) -> None:
     """S1 = S0 - lr dS for the layers whose S has a gradient."""
     steps = [s for s in steps if s.layer.S.grad is not None]
     for step, dS in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps])):
-        step.layer.S.sub_(step.group["lr"] * dS)
+        step.layer.S.copy_(integrators.gradient_step(step.layer.S, dS, step.group["lr"]))
 
 
 METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "fixed": Fixed(), "s_only": SOnly(),

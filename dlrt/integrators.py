@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def gradient_step(X0: torch.Tensor, dX: torch.Tensor, lr: float) -> torch.Tensor:
+    """X1 = X0 - lr dX: the S-step (at whatever bases S0 is written in), and vanilla's steps of U and V."""
+    return X0 - lr * dX
+
+
 def k_step(U0, S0, dK, lr):
     """K1 = U0 S0 - lr dK, in one product."""
     return torch.addmm(dK, U0, S0, beta=-lr)

@@ -364,6 +364,19 @@ class DLRTOptimizer(torch.optim.Optimizer):
         all_reduce_mean([p.grad for group in self.param_groups for p in group["params"] if p.grad is not None])
         broadcast_buffers([b for module in self._modules for b in module.buffers()])
 
+    # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups; this optimizer also holds
+    # its layers, modules and dense optimizer. The set-up record is keyed by group identity, so it travels in the
+    # groups' order.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_set_up_for"] = [self._set_up_for.get(id(group)) for group in self.low_rank_groups]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_up_for = {id(group): method for group, method in zip(self.low_rank_groups, state["_set_up_for"])
+                            if method is not None}
+
     # ------------------------------------------------------------------------------------------
     # state_dict: torch's layout, with layers where torch has parameters (a rank change replaces the factors)
     # ------------------------------------------------------------------------------------------

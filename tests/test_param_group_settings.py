@@ -124,3 +124,18 @@ def test_implementation_switches_agree_between_the_groups_of_a_step():
     opt = DLRTOptimizer([{"params": model[0], "svd_on": "host"}, {"params": model[2:]}], lr=0.1)
     with pytest.raises(ValueError, match="svd_on differs between the low-rank param groups"):
         plain_step(model, opt, *batch_for(model))
+
+
+@pytest.mark.parametrize("method", ["adaptive", "vanilla"])
+def test_a_deep_copy_of_model_and_optimizer_trains_as_the_original(method):
+    """torch's Optimizer pickles only defaults, state and param_groups: the copy must keep its layers, its dense
+    optimizer and what its groups are set up for (a copied vanilla group must not absorb its singular values again)."""
+    model = seeded(small_cnn)
+    opt = DLRTOptimizer(model, lr=0.05, tau=0.1, method=method, momentum=0.9, basis_every=2 if method == "adaptive" else 1)
+    plain_step(model, opt, *batch_for(model))
+    twin, twin_opt = copy.deepcopy((model, opt))
+    assert all(a is not b for a, b in zip(twin_opt.layers, opt.layers))
+    for n in range(1, 4):
+        plain_step(model, opt, *batch_for(model, seed=n))
+        plain_step(twin, twin_opt, *batch_for(model, seed=n))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
