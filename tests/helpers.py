@@ -1,5 +1,6 @@
 """Small models and data, and the ways to run dlrt-run, shared by the tests."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -52,17 +53,26 @@ def seeded(factory, seed: int = 0, dtype=torch.float64):
         torch.set_default_dtype(previous)
 
 
-def compose_config(overrides: list[str], with_hydra: bool = False):
-    """dlrt-run's resolved config for these overrides, as Hydra composes it (with_hydra: and Hydra's own, under
-    `hydra`, e.g. the launcher's)."""
-    from hydra import compose, initialize_config_dir
+@contextlib.contextmanager
+def hydra_on_our_configs():
+    """Hydra initialised on dlrt-run's configs, as in a job: hydra.compose() inside composes them."""
+    from hydra import initialize_config_dir
 
     from dlrt.experiments.cli import CONFIG_DIR, register
 
     register()
-
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
+        yield
+
+
+def compose_config(overrides: list[str], with_hydra: bool = False, config_dir=None):
+    """dlrt-run's resolved config for these overrides, as Hydra composes it (with_hydra: and Hydra's own, under
+    `hydra`, e.g. the launcher's; config_dir: a user's own config folder beside ours, as `dlrt-run -cd` adds it)."""
+    from hydra import compose
+
+    search = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []
+    with hydra_on_our_configs():
+        return compose("config", overrides=[*search, *overrides], return_hydra_config=with_hydra)
 
 
 def pin_ranks(opt, r_min: list[int], r_max: list[int]) -> None:

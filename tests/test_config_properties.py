@@ -2,22 +2,20 @@
 line (ConfigError, or Hydra's and OmegaConf's own errors that dlrt-run puts on one line), never a traceback; and a
 config that is accepted trains (or fails as a run, exit 1) without a traceback."""
 
-import contextlib
 import dataclasses
-import io
-import sys
 import tempfile
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from dlrt.experiments import cli, schema
-from dlrt.experiments.cli import CONFIG_DIR, _composition_message, register
+from dlrt.experiments import schema
+from dlrt.experiments.cli import _composition_message
 from dlrt.experiments.validate import ConfigError, validate
+
+from helpers import compose_config, run_in_process
 
 
 def schema_keys() -> list[str]:
@@ -81,31 +79,14 @@ def as_override(key, value) -> str:
 @example("mnist", "lenet5", "adaptive", [("out_dir", "x" * 300)])  # a name no file system takes
 @example("mnist", "lenet5", "adaptive", [("data.root", 0)])  # found by this test: Path(0), a TypeError
 def test_any_values_are_accepted_or_refused_in_one_line(data, model, method, pairs):
-    register()
     overrides = [f"data={data}", f"model={model}", f"method={method}", "data.subset=null" if data == "mnist" else "seed=0"]
     overrides += [as_override(key, value) for key, value in pairs]
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        validate(cfg)
+        validate(compose_config(overrides))
     except ConfigError as e:
         assert "\n" not in str(e)
     except (HydraException, OmegaConfBaseException) as e:
         assert "\n" not in _composition_message(e)
-
-
-def dlrt_run(args: list[str]) -> tuple[int, str]:
-    """dlrt-run in this process: its exit code and stderr (a traceback escapes as the exception itself)."""
-    err, argv = io.StringIO(), sys.argv
-    sys.argv = ["dlrt-run", *args]
-    try:
-        with contextlib.redirect_stderr(err):
-            cli.run()
-        return 0, err.getvalue()
-    except SystemExit as e:
-        return e.code, err.getvalue()
-    finally:
-        sys.argv = argv
 
 
 # Keys whose values decide what a tiny run computes; sizes and epochs stay tiny (they are the first test's).
@@ -117,16 +98,18 @@ TINY = ["data=synthetic", "data.n_train=64", "data.n_val=16", "data.n_test=16", 
 
 
 @pytest.mark.filterwarnings("ignore")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the fixtures serve every example: each sets argv anew, reads its own stderr and trains into a folder of its own
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["adaptive", "parallel", "fixed", "dense", "vanilla"]),
        st.lists(st.tuples(st.sampled_from(RUN_KEYS), VALUES), min_size=1, max_size=3))
 @example("adaptive", [("lr", 1e37)])  # finite, and the factors overflow in the step
 @example("adaptive", [("optim.eps", 1.6e-223)])  # found by this test: 0 in float32, 0/0 in Adam,
 #                                                                    then an SVD's traceback
-def test_an_accepted_config_trains_or_fails_in_one_line(method, pairs):
+def test_an_accepted_config_trains_or_fails_in_one_line(tmp_path, monkeypatch, capsys, method, pairs):
     with tempfile.TemporaryDirectory() as out:
         args = [*TINY, f"method={method}", *(as_override(k, v) for k, v in pairs), f"out_dir={out}"]
-        code, err = dlrt_run(args)
+        code, err = run_in_process(args, tmp_path, monkeypatch, capsys)
     assert code in (0, 1, 2), err
     if code:
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("dlrt-run: error:"), err

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer, low_rank_layers
 
-from helpers import batch_for, seeded, small_cnn
+from helpers import QUICK, batch_for, dlrt_run, python, seeded, small_cnn
 
 STEPS = 3
 
@@ -49,19 +49,16 @@ def test_two_workers_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 def test_torchrun_trains_one_run_folder_like_a_single_process(tmp_path):
-    import subprocess
-    import sys
-
     import pandas as pd
 
-    args = ["data=synthetic", "data.n_train=512", "model=fc", "model.width=64", "epochs=2", "batch_size=64",
-            "progress=false", "threads=1", "finetune.epochs=0", "optim=sgd", "lr=0.1"]
-    for name, launcher in [("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.experiments"]),
-                           ("single", [sys.executable, "-m", "dlrt.experiments"])]:
-        result = subprocess.run([*launcher, *args, f"out_dir={tmp_path / name}"], capture_output=True, text=True, timeout=300)
+    args = [*QUICK, "data.n_train=512", "epochs=2", "model=fc", "model.width=64", "batch_size=64", "finetune.epochs=0",
+            "optim=sgd", "lr=0.1"]
+    runs = [python("-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dlrt.experiments", *args,
+                   f"out_dir={tmp_path / 'ddp'}", cwd=tmp_path, timeout=300),
+            dlrt_run(*args, f"out_dir={tmp_path / 'single'}", cwd=tmp_path, timeout=300)]
+    for result in runs:
         assert result.returncode == 0, result.stderr
-    (ddp,), (single,) = (list((tmp_path / name).glob("*/epochs.csv")) for name in ("ddp", "single"))
-    ddp, single = pd.read_csv(ddp), pd.read_csv(single)
+    ddp, single = (pd.read_csv(path) for (path,) in (tmp_path.glob(f"{name}/*/epochs.csv") for name in ("ddp", "single")))
     assert list(ddp["ranks"]) == list(single["ranks"])
     pd.testing.assert_series_equal(ddp["val_loss"], single["val_loss"], rtol=1e-5)
     pd.testing.assert_series_equal(ddp["train_loss"], single["train_loss"], rtol=1e-5)

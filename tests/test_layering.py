@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import python
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
-    """import-linter on the package and pyproject.toml under `root` (the checkout or a copy of it)."""
+    """import-linter on the package and pyproject.toml under `root` (the checkout or a copy of it); its console
+    script, as import-linter has no `python -m`."""
     return subprocess.run([Path(sys.executable).parent / "lint-imports", "--no-cache"], cwd=root, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
 
@@ -44,14 +47,14 @@ def test_import_dlrt_is_cheap_and_the_method_needs_no_harness():
     code = ("import sys, dlrt; cheap = not {'torch', 'torchvision', 'hydra', 'omegaconf'} & set(sys.modules); "
             "from dlrt import DLRTOptimizer, LowRankLinear, convert; dlrt.export; dlrt.metrics; "
             "print(cheap, sorted({'torchvision', 'hydra', 'omegaconf', 'pandas', 'dlrt.experiments'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    out = python("-c", code, cwd="/", timeout=120)
     assert out.stdout.split() == ["True", "[]"], out.stderr
 
 
 def test_python_m_runs_dlrt_run_from_the_harness_and_under_its_old_name(tmp_path):
     """`python -m dlrt.experiments` is dlrt-run; `python -m dlrt.cli`, the name the run records print, still is."""
-    outputs = [subprocess.run([sys.executable, "-m", module, "--cfg", "job", "model=fc", "tau=0.25"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120) for module in ("dlrt.experiments", "dlrt.cli")]
+    outputs = [python("-m", module, "--cfg", "job", "model=fc", "tau=0.25", cwd=tmp_path, timeout=120)
+               for module in ("dlrt.experiments", "dlrt.cli")]
     for out in outputs:
         assert out.returncode == 0, out.stderr
     assert "tau: 0.25" in outputs[0].stdout and outputs[0].stdout == outputs[1].stdout

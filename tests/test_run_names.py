@@ -7,13 +7,11 @@ import shlex
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from dlrt.experiments.cli import CONFIG_DIR, register
 from dlrt.experiments.runner import run_name
 
-from test_cli import QUICK, run_in_process
+from helpers import QUICK, compose_config, hydra_on_our_configs, run_in_process
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "runs"
 SWEEP = "threads=1 progress=false out_dir=results/runs"
@@ -37,12 +35,10 @@ COMMITTED = {
 
 
 def composed(overrides: list[str], config_dir: Path | None = None):
-    """The job config dlrt-run composes for these overrides, with Hydra's runtime choices set as in a job."""
-    register()
-    search = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []  # what -cd adds
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*search, *overrides], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
+    """The job config dlrt-run composes for these overrides, and its run name as the job names it."""
+    cfg = compose_config(overrides, with_hydra=True, config_dir=config_dir)
+    HydraConfig.instance().set_config(cfg)  # the name reads the experiment chosen from Hydra's runtime choices
+    with hydra_on_our_configs():  # and composes the defaults it names the run against
         return cfg, run_name(cfg)
 
 

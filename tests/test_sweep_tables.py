@@ -1,15 +1,12 @@
 """dlrt-tables on a user's own sweep: one row per setting (seeds averaged), accuracy, ranks, parameter counts and
 compression in both conventions, as CSV and Markdown, and a plot against ϑ."""
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
 from dlrt.report.tables import main as tables_main
 
-from test_cli import QUICK
+from helpers import QUICK, dlrt_run
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +14,7 @@ def myruns(tmp_path_factory):
     """A user's sweep: two ϑ × two seeds, and a dense run beside it."""
     root = tmp_path_factory.mktemp("sweep")
     for args in (["-m", "tau=0.1,0.4", "seed=0,1"], ["method=dense"]):
-        result = subprocess.run([sys.executable, "-m", "dlrt.experiments", *args, *QUICK, "out_dir=myruns"], cwd=root,
-                                capture_output=True, text=True, timeout=600)
+        result = dlrt_run(*args, *QUICK, "out_dir=myruns", cwd=root)
         assert result.returncode == 0, result.stderr
     return root
 

@@ -3,18 +3,25 @@ folder. Its configs are the checkout's configs/, which the wheel carries as dlrt
 
 import shutil
 import subprocess
-import sys
 import sysconfig
 import zipfile
 from pathlib import Path
 
+from helpers import QUICK, python
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(*args, **kwargs):
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kwargs)
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def installed(program: Path, *args, cwd=None) -> subprocess.CompletedProcess:
+    """A program of the fresh environment (its python, its dlrt-run): not helpers.python, whose interpreter is
+    this one and imports dlrt from the checkout."""
+    return succeeded(subprocess.run([str(program), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                                    timeout=600))
 
 
 def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
@@ -22,7 +29,7 @@ def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
     kept = {"pyproject.toml", "setup.py", "README.md", "configs", "dlrt", "hydra_plugins"}
     shutil.copytree(REPO, source, symlinks=True, ignore=lambda folder, names: [
         n for n in names if n == "__pycache__" or (Path(folder) == REPO and n not in kept)])
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source)
+    succeeded(python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source))
     (wheel,) = (tmp_path / "dist").glob("dlrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     configs = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
@@ -31,19 +38,18 @@ def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
     assert "hydra_plugins/dlrt_sweeper/checking_sweeper.py" in names
 
     # a fresh environment that sees this one's torch, Hydra and so on, but not the checkout
-    run(sys.executable, "-m", "venv", tmp_path / "env")
-    env_python = tmp_path / "env" / "bin" / "python"
-    site = run(env_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    succeeded(python("-m", "venv", tmp_path / "env"))
+    env_python, env_dlrt_run = tmp_path / "env" / "bin" / "python", tmp_path / "env" / "bin" / "dlrt-run"
+    site = installed(env_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
     (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run(env_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
+    installed(env_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run(env_python, "-c", "import dlrt.experiments.schema as s; print(s.CONFIG_DIR)", cwd=elsewhere).stdout
+    where = installed(env_python, "-c", "import dlrt.experiments.schema as s; print(s.CONFIG_DIR)", cwd=elsewhere).stdout
     assert where.startswith(site)  # the installed package, not the checkout
-    job = run(tmp_path / "env" / "bin" / "dlrt-run", "--cfg", "job", "experiment=lenet5_mnist", cwd=elsewhere).stdout
+    job = installed(env_dlrt_run, "--cfg", "job", "experiment=lenet5_mnist", cwd=elsewhere).stdout
     assert "init: authors" in job and "name: adaptive" in job  # the experiment's and the method's configs were found
-    result = run(tmp_path / "env" / "bin" / "dlrt-run", "data=synthetic", "data.n_train=128", "data.n_val=32",
-                 "data.n_test=32", "epochs=1", "progress=false", "threads=1", cwd=elsewhere)
+    result = installed(env_dlrt_run, *QUICK, cwd=elsewhere)
     assert "done: runs/lenet5-synthetic-adaptive" in result.stderr
     assert list((elsewhere / "runs").glob("*/summary.json"))
