@@ -244,8 +244,8 @@ class Vanilla(Method):
 
     def finish(self, plan, new_ranks):
         for step, (dU, dV) in zip(plan.steps, kl_directions(plan.steps)):
-            step.layer.U.copy_(integrators.gradient_step(step.layer.U, dU, step.group["lr"]))
-            step.layer.V.copy_(integrators.gradient_step(step.layer.V, dV, step.group["lr"]))
+            integrators.gradient_step(step.layer.U, dU, step.group["lr"], out=step.layer.U)
+            integrators.gradient_step(step.layer.V, dV, step.group["lr"], out=step.layer.V)
 
 
 class Fixed(Method):
@@ -279,7 +279,7 @@ def s_steps(steps: list[LayerStep]) -> None:
     """S1 = S0 - lr dS for the layers whose S has a gradient."""
     steps = [s for s in steps if s.layer.S.grad is not None]
     for step, dS in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps])):
-        step.layer.S.copy_(integrators.gradient_step(step.layer.S, dS, step.group["lr"]))
+        integrators.gradient_step(step.layer.S, dS, step.group["lr"], out=step.layer.S)
 
 
 METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "fixed": Fixed(), "s_only": SOnly(),

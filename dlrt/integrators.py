@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 
 
-def gradient_step(X0: torch.Tensor, dX: torch.Tensor, lr: float) -> torch.Tensor:
-    """X1 = X0 - lr dX: the S-step (at whatever bases S0 is written in), and vanilla's steps of U and V."""
-    return X0 - lr * dX
+def gradient_step(X0: torch.Tensor, dX: torch.Tensor, lr: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X1 = X0 - lr dX: the S-step (at whatever bases S0 is written in), and vanilla's steps of U and V; into `out`
+    (X0 itself for a step in place) when given."""
+    return torch.sub(X0, dX, alpha=lr, out=out)
 
 
 def k_step(U0, S0, dK, lr):
