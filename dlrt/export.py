@@ -21,12 +21,12 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .conversion import ConvertConfig, convert, merge
 from .layers import low_rank_layers
 
@@ -49,15 +49,8 @@ def save_model(model: nn.Module, path: str | Path, fmt: str = "factored", builde
     _check_rebuilds(metadata, tensors if fmt == "dense" else model.state_dict(), given=builder is not None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as any new file: safetensors leaves 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    on_host = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(on_host, str(tmp), metadata=metadata))
     return path
 
 

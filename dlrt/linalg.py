@@ -183,7 +183,7 @@ def svds_on_host(cores: list[torch.Tensor]) -> tuple[list[tuple], list[torch.Ten
     # One thread for all of it: matrices this small lose time to more. With the FC net's cores an H100's
     # 16-thread host burnt ten times the step's wall time in CPU time while the copy into pinned memory ran
     # outside this block (threads spinning after a parallel copy, the likely cause).
-    with _one_thread():
+    with torch_threads(1):
         found = [svd(core.view(k, k)) for core, k in zip(host, sizes)]
         packed = torch.cat([t.reshape(-1) for factors in found for t in factors])
         if device.type == "cuda":
@@ -195,10 +195,12 @@ def svds_on_host(cores: list[torch.Tensor]) -> tuple[list[tuple], list[torch.Ten
 
 
 @contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(count: int | None):
+    """torch's thread count inside the block, restored after it (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)

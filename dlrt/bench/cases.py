@@ -14,6 +14,7 @@ from torch import nn
 
 from dlrt import functional as fns
 from dlrt.graphs import GraphedStep
+from dlrt.groups import RULE_DEFAULTS, make_defaults, make_dense_optimizer
 from dlrt.layers import low_rank_layers
 from dlrt.optim import DLRTOptimizer
 from dlrt.experiments.models import build_model
@@ -132,9 +133,16 @@ def build(case: Case, device: torch.device, low_rank: bool, seed: int = 0) -> nn
     return model.to(device)
 
 
-def _dense_optimizer(params, name: str, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    kind = torch.optim.Adam if name == "adam" else torch.optim.SGD
-    return kind(params, lr=lr, fused=fused or None)  # None: torch's default implementation
+def dense_optimizer(params, case: Case, fused: bool) -> torch.optim.Optimizer:
+    """The torch optimizer DLRTOptimizer gives dense parameters (dlrt.groups.make_dense_optimizer) for the case's
+    update rule; unless `fused`, switched to torch's default implementation by its param-group flags."""
+    opt = make_dense_optimizer(None, list(params), make_defaults(lr=case.lr, optimizer=case.optimizer, **RULE_DEFAULTS))
+    if not fused:
+        for group in opt.param_groups:
+            group["fused"] = None
+            if "capturable" in group:  # Adam: its step counts on the host, as by default
+                group["capturable"] = False
+    return opt
 
 
 def with_basis_every(methods, basis_every: list[int]) -> list[str]:
@@ -165,7 +173,7 @@ def make_runner(method: str, case: Case, device: torch.device, base: nn.Module |
     method, basis_every = split_basis_every(method)
     if method in DENSE_METHODS:
         model = build(case, device, low_rank=False)
-        opt = _dense_optimizer(model.parameters(), case.optimizer, case.lr, fused=method == "dense_fused")
+        opt = dense_optimizer(model.parameters(), case, fused=method == "dense_fused")
         return Runner(method, model, training_step(model, opt), opt)
     model = copy.deepcopy(base) if base is not None else build(case, device, low_rank=True)
     dlrt_method = "adaptive" if method in PINNED_METHODS else method

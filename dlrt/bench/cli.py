@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from dlrt.experiments.run_folder import RunFolderError
+from dlrt.experiments.devices import resolve_device
+from dlrt.linalg import torch_threads
 from dlrt.placement import SVD_PLACES
 
 from . import (breakdown, linalg_suite, memory_suite, profile_suite, steps, throughput_suite, timing_study,
@@ -144,6 +146,8 @@ def parse_args(argv):
     args.suites = suites
     for suite in NAMED_ONLY.values():
         suite.check_arguments(args, p.error)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
     if not args.out.strip():
         p.error("--out is empty: give a folder")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -151,32 +155,21 @@ def parse_args(argv):
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     prog = "dlrt-bench" if argv is None and os.path.basename(sys.argv[0]) == "dlrt-bench" else "python -m dlrt.bench"
     args = parse_args(args_list)
     device = resolve_device(args.device)
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    flushing = bool(args.flush_denormal) and torch.set_flush_denormal(True)  # False where the CPU cannot
-    try:
-        return run_suites(args, device, Meta(device, shlex.join([prog, *args_list]), flushing))
-    except (OSError, RunFolderError) as e:  # --out cannot be made or written (a full disk): what was written stays
-        print(f"dlrt-bench: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    finally:  # main() may be called inside a longer-lived process
-        if flushing:
-            torch.set_flush_denormal(False)
-        torch.set_num_threads(threads_before)
+    with torch_threads(args.threads):  # restored after: main() may be called inside a longer-lived process
+        flushing = bool(args.flush_denormal) and torch.set_flush_denormal(True)  # False where the CPU cannot
+        try:
+            return run_suites(args, device, Meta(device, shlex.join([prog, *args_list]), flushing))
+        except (OSError, RunFolderError) as e:  # --out cannot be made or written (a full disk): what was written stays
+            print(f"dlrt-bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        finally:
+            if flushing:
+                torch.set_flush_denormal(False)
 
 
 def run_suites(args, device: torch.device, meta: Meta) -> int:

@@ -18,7 +18,6 @@ Not seen on a CPU: memory allocated outside torch's allocator (MKL/oneDNN scratc
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -211,15 +210,3 @@ def _cuda_peak(step, model, optimizer, warmup: int) -> StepMemory:
     parts = dict.fromkeys(PARTS, 0) | before
     parts["temporaries"] = max(0, peak - sum(before.values()))  # activations included: no split on a GPU
     return StepMemory(peak, parts)
-
-
-@contextlib.contextmanager
-def threads(count: int | None):
-    """torch's thread count inside the block (None: unchanged)."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

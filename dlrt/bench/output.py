@@ -4,31 +4,15 @@
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 from pathlib import Path
 
 import torch
 
+from dlrt.experiments.devices import device_name
 from dlrt.experiments.provenance import CODE_VERSION
 from dlrt.experiments.run_folder import write_csv, write_text
 
 CONTENDED_PCT = 10.0  # other processes' share of the CPUs above which a CPU timing is flagged
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical CPUs)"
 
 
 class Meta:

@@ -17,12 +17,13 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock, Timeout
+
+from dlrt import atomic
 
 FILES = ("config.yaml", "epochs.csv", "summary.json", "checkpoint.pt", "best_model.pt")
 LOCK = ".lock"
@@ -37,24 +38,14 @@ class RunFolderBusy(RunFolderError):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary name beside `path`, then rename it over `path`; the file gets the mode a new
-    file of this process would get (not 0600, as some writers leave temporary files). A write that fails (a full
-    disk, a folder that cannot be written) leaves `path` as it was and raises RunFolderError saying so."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """dlrt.atomic.atomic_write, and a write that fails (a full disk, a folder that cannot be written) raises
+    RunFolderError saying so; `path` stays as it was."""
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        atomic.atomic_write(path, write)
     except OSError as e:
-        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
         raise RunFolderError(f"cannot write {path} ({e.strerror or e}): {kept}; make room or choose another "
                              "folder, then run the same command again") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

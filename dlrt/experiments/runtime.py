@@ -5,7 +5,6 @@ the graphed step. The training loop (dlrt.experiments.train) takes these and kno
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
@@ -19,23 +18,7 @@ from .models import build_model, set_spectrum
 from .schema import METHODS, RANK_ADAPTIVE
 
 
-# --- device and workers -----------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if there is one; under torchrun each worker takes the GPU of its LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads != 1 else ''}"
+# --- workers -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -64,7 +47,7 @@ class Workers:
 
 def init_workers(device: torch.device) -> Workers:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs). torchrun's environment
-    says where: RANK, WORLD_SIZE, LOCAL_RANK (the GPU of this process, resolve_device), MASTER_ADDR and MASTER_PORT.
+    says where: RANK, WORLD_SIZE, LOCAL_RANK (the GPU of this process, devices.resolve_device), MASTER_ADDR and MASTER_PORT.
     On a GPU the process makes its GPU the current one, which nccl and DataLoader's pinned memory follow."""
     if device.type == "cuda":
         torch.cuda.set_device(device)

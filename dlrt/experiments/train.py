@@ -24,10 +24,11 @@ from dlrt import low_rank_layers
 from dlrt.metrics import parameter_report
 
 from .data import load_device_data
+from .devices import device_name, resolve_device
 from .provenance import CODE_VERSION
 from .run_folder import RunFolder
-from .runtime import (Workers, autocast, configure_cpu, device_name, init_workers, make_graphed_step, make_model,
-                      make_optimizer, make_scheduler, phases, resolve_device, rng_state, set_rng_state)
+from .runtime import (Workers, autocast, configure_cpu, init_workers, make_graphed_step, make_model, make_optimizer,
+                      make_scheduler, phases, rng_state, set_rng_state)
 from .schema import RANK_ADAPTIVE, recorded
 
 SELECTION_TEXT = {"min_val_loss": "minimum validation loss", "final": "final epoch"}

@@ -171,7 +171,7 @@ def _check_combinations(cfg: DictConfig) -> None:
             raise ConfigError("cuda_graphs=true is for precision=fp32 only (autocast inside a graph is not tested)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("cuda_graphs=true runs in one process only for now: drop torchrun or set cuda_graphs=false")
-        from .runtime import resolve_device
+        from .devices import resolve_device
 
         if resolve_device(cfg.device).type != "cuda":
             raise ConfigError("cuda_graphs=true needs a CUDA device (device=cuda): on a CPU a training step is not "
