@@ -58,7 +58,8 @@ def test_torchrun_trains_one_run_folder_like_a_single_process(tmp_path):
             dlrt_run(*args, f"out_dir={tmp_path / 'single'}", cwd=tmp_path, timeout=300)]
     for result in runs:
         assert result.returncode == 0, result.stderr
-    ddp, single = (pd.read_csv(path) for (path,) in (tmp_path.glob(f"{name}/*/epochs.csv") for name in ("ddp", "single")))
+    (ddp,), (single,) = (list(tmp_path.glob(f"{name}/*/epochs.csv")) for name in ("ddp", "single"))
+    ddp, single = pd.read_csv(ddp), pd.read_csv(single)
     assert list(ddp["ranks"]) == list(single["ranks"])
     pd.testing.assert_series_equal(ddp["val_loss"], single["val_loss"], rtol=1e-5)
     pd.testing.assert_series_equal(ddp["train_loss"], single["train_loss"], rtol=1e-5)

@@ -46,7 +46,8 @@ def test_the_wheel_runs_dlrt_run_from_another_folder(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = installed(env_python, "-c", "import dlrt.experiments.schema as s; print(s.CONFIG_DIR)", cwd=elsewhere).stdout
+    where = installed(env_python, "-c", "import dlrt.experiments.schema as s; print(s.CONFIG_DIR)",
+                      cwd=elsewhere).stdout
     assert where.startswith(site)  # the installed package, not the checkout
     job = installed(env_dlrt_run, "--cfg", "job", "experiment=lenet5_mnist", cwd=elsewhere).stdout
     assert "init: authors" in job and "name: adaptive" in job  # the experiment's and the method's configs were found
