@@ -14,8 +14,7 @@ from omegaconf import OmegaConf
 from dlrt.experiments.cli import CONFIG_DIR
 from dlrt.experiments.validate import validate
 
-# QUICK and run_in_process are imported from here by other test files too
-from helpers import QUICK, compose_config, dlrt_run, python, run_in_process, start_dlrt_run  # noqa: F401
+from helpers import QUICK, compose_config, dlrt_run, python, run_in_process, start_dlrt_run
 
 
 def options(group: str) -> list[str]:
@@ -133,6 +132,18 @@ def test_help_lists_groups_and_resolved_keys_without_importing_torch():
     assert out.strip().endswith("False")  # --help stays fast: no torch, no trainer
 
 
+@pytest.mark.parametrize("args", [["--help"], ["-sc", "install=bash"]], ids=["help", "completion"])
+def test_output_into_a_pipe_whose_reader_left_ends_quietly(tmp_path, args):
+    """`dlrt-run --help | head -3`: head has left when the rest is written. Python's docs on SIGPIPE: exit 1, no
+    traceback (the reader here leaves before anything is written, so that every write fails)."""
+    read, write = os.pipe()
+    os.close(read)
+    process = start_dlrt_run(*args, cwd=tmp_path, stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (1, "")
+
+
 def test_two_identical_runs_at_once_one_says_the_folder_is_in_use(tmp_path):
     args = [*QUICK, "epochs=4", "data.n_train=2048", f"out_dir={tmp_path}"]
     first = start_dlrt_run(*args, cwd=tmp_path, stderr=subprocess.PIPE)
@@ -166,9 +177,10 @@ ERRORS = [  # args, message fragment: every misuse of the issue's list, each one
     (["optim.betas=[0.9,0.99]"], "unknown key 'optim.betas'"),  # betas are Adam's, and the optimizer is SGD
     (["method.r_min=0"], "method.r_min=0 must be a number >= 1"),
     (["method.r_max=1"], "method.r_max=1 is below method.r_min=2"),
-    (["method.state_policy=nope"], "method.state_policy: Invalid value 'nope', expected one of [project, keep, reset]"),
-    (["optim.momentum=-1"], "optim.momentum=-1 must be in [0, 1)"),
-    (["optim=adam", "optim.betas=[2,0]"], "optim.betas=[2, 0] must be two numbers in [0, 1)"),
+    (["method.state_policy=nope"],
+     "method.state_policy: Invalid value 'nope', expected one of [project, keep, reset, restart]"),
+    (["optim.momentum=-1"], "optim.momentum=-1.0 must be in [0, 1)"),
+    (["optim=adam", "optim.betas=[2,0]"], "optim.betas=[2.0, 0.0] must be two numbers in [0, 1)"),
     (["scheduler.factor=2"], "scheduler.factor=2.0 must be in (0, 1)"),
     (["scheduler.name=cosine"], "scheduler.name: Invalid value 'cosine', expected one of [none, plateau]"),
     (["finetune.method=sgd"], "finetune.method: Invalid value 'sgd', expected one of [fixed, s_only]"),

@@ -106,14 +106,17 @@ def run() -> None:
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing a stack trace
     register()
-    if {"--help", "-h"} & set(sys.argv[1:]) and not any(a.startswith("-c") or a.startswith("--config")
-                                                         for a in sys.argv[1:]):
-        print(app_help([a for a in sys.argv[1:] if not a.startswith("-")]))
-        return
+    wants_help = {"--help", "-h"} & set(sys.argv[1:]) and not any(a.startswith("-c") or a.startswith("--config")
+                                                                  for a in sys.argv[1:])
     try:
-        _hydra_main()
-    except BrokenPipeError:  # `dlrt-run -sc install=bash | head`: the reader left
-        sys.stderr.close()
+        if wants_help:
+            print(app_help([a for a in sys.argv[1:] if not a.startswith("-")]))
+        else:
+            _hydra_main()
+        sys.stdout.flush()  # here, not at exit, is where a reader that left is found
+    except BrokenPipeError:  # `dlrt-run --help | head`: as Python's docs on SIGPIPE do it, the rest goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except SweepFailed as e:
         _fail(str(e), EXIT_FAILED)
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
