@@ -16,7 +16,7 @@ from dlrt.experiments import train as trainer
 from dlrt.experiments.validate import ConfigError, validate
 from dlrt.graphs import GraphedStep, ReplayGraph, ReplayGraphs
 
-from helpers import batch_for, compose_config, pin_ranks, plain_step, seeded, small_cnn, small_mlp
+from helpers import QUICK, batch_for, compose_config, pin_ranks, plain_step, seeded, small_cnn, small_mlp
 
 
 def DLRTOptimizer(model, **kwargs):
@@ -297,9 +297,8 @@ def test_dlrt_run_with_cuda_graphs_trains_like_without(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ReplayGraph, "replay", lambda self, original=ReplayGraph.replay: replays.append(1) or original(self))
     epochs = {}
     for graphs in (False, True):
-        overrides = ["data=synthetic", "data.n_train=700", "data.n_val=64", "data.n_test=64", "epochs=2",
-                     "progress=false", "tau=0.3", "optim.momentum=0.9", "model.rank=4", "method.r_min=4",
-                     "method.r_max=4", f"cuda_graphs={str(graphs).lower()}"]  # pinned ranks: graphs replayed
+        overrides = [*QUICK, "data.n_train=700", "epochs=2", "tau=0.3", "optim.momentum=0.9", "model.rank=4",
+                     "method.r_min=4", "method.r_max=4", f"cuda_graphs={str(graphs).lower()}"]  # pinned ranks: replayed
         cfg = compose_config(overrides)
         validate(compose_config(overrides[:-1]))  # all but cuda_graphs, which a CPU refuses
         folder = RunFolder(tmp_path / str(graphs))
