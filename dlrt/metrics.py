@@ -1,4 +1,4 @@
-"""Parameter counts and compression rates, in two conventions (PAPER.md §4). Biases are never counted,
+"""Parameter counts and compression rates, in three conventions (PAPER.md §4). Biases are never counted,
 nor normalisation parameters: only the weight matrices of linear and conv layers.
 
 A low-rank layer has an n x m weight (n = outputs, m = inputs; a conv's C_out x C_in k k) at rank r.
@@ -6,11 +6,14 @@ A low-rank layer has an n x m weight (n = outputs, m = inputs; a conv's C_out x 
 - ``honest``: what is stored.
   eval:  (n + m) r + r       U, V and the diagonal of S after truncation
   train: 3 (n + m) r + 6 r²  U, S, V and their gradients, the new directions Ũ, Ṽ and the 2r x 2r core
-  A dense layer counts n m for eval and 2 n m (weight and gradient) for train.
 - ``paper``: the LeNet5 table's counts, which leave the n_in x r factor out of the eval count.
   eval:  (n + 1) r
   train: 5 (n + m) r + 12 r²
-  A dense layer counts n m for eval and 2 n m for train.
+- ``fc``: the FC tables' counts (dlrt.report.fc).
+  eval:  (n + m) r
+  train: 2 (n + m) r + 4 r²
+In every convention a dense layer counts n m for eval and 2 n m (weight and gradient) for train. Run records
+(parameter_report) hold the honest and the LeNet5 table's counts; the FC tables compute theirs from the ranks.
 
 The compression rate is (1 - params / dense params) x 100 %, the dense reference being the same model
 with every low-rank layer at full size (n m for eval, 2 n m for train).
@@ -24,7 +27,8 @@ from torch import nn
 
 from .layers import LowRankLayer
 
-CONVENTIONS = ("honest", "paper")
+CONVENTIONS = ("honest", "paper", "fc")
+RECORDED = ("honest", "paper")  # parameter_report's
 MODES = ("eval", "train")
 
 
@@ -33,11 +37,13 @@ def low_rank_layer_count(n: int, m: int, r: int, convention: str = "honest", mod
     _check(convention, mode)
     if convention == "honest":
         return (n + m) * r + r if mode == "eval" else 3 * (n + m) * r + 6 * r * r
+    if convention == "fc":
+        return (n + m) * r if mode == "eval" else 2 * (n + m) * r + 4 * r * r
     return (n + 1) * r if mode == "eval" else 5 * (n + m) * r + 12 * r * r
 
 
 def dense_layer_count(n: int, m: int, mode: str = "eval") -> int:
-    """Parameters counted for one dense n x m weight (the same in both conventions)."""
+    """Parameters counted for one dense n x m weight (the same in every convention)."""
     _check("honest", mode)
     return n * m if mode == "eval" else 2 * n * m
 
@@ -88,7 +94,7 @@ def dense_reference(shapes: list[WeightShape], mode: str = "eval") -> int:
 
 
 def parameter_report(model: nn.Module) -> dict[str, float]:
-    """Counts and compression rates in both conventions, for eval and train, plus the dense references.
+    """Counts and compression rates in the RECORDED conventions, for eval and train, plus the dense references.
 
     Keys: params_{eval,train}_{honest,paper}, cr_{eval,train}_{honest,paper}, dense_params_{eval,train}.
     """
@@ -97,7 +103,7 @@ def parameter_report(model: nn.Module) -> dict[str, float]:
     for mode in MODES:
         dense = dense_reference(shapes, mode)
         report[f"dense_params_{mode}"] = dense
-        for convention in CONVENTIONS:
+        for convention in RECORDED:
             count = count_shapes(shapes, convention, mode)
             report[f"params_{mode}_{convention}"] = count
             report[f"cr_{mode}_{convention}"] = compression_rate(count, dense)

@@ -44,8 +44,9 @@ def test_every_sweep_composes_to_its_tables_protocol(sweep):
 def test_the_resolver_names_what_an_experiment_sweeps():
     assert protocols.recipe_value("fc_mnist", "selection") == "final"
     assert protocols.recipe_value("lenet5_mnist", "tau") == "0.09,0.11,0.13,0.15,0.2,0.3,0.4,0.45"
-    with pytest.raises(ValueError, match="sweeps tau, seed, not 'lr'"):
-        protocols.recipe_value("lenet5_mnist", "lr")
+    assert protocols.recipe_value("dlrt_vs_uv", "model.rank") == 20  # a setting of its table's protocol
+    with pytest.raises(ValueError, match="sweeps tau, seed and sets epochs, .*, not 'optim.momentum'"):
+        protocols.recipe_value("lenet5_mnist", "optim.momentum")
 
 
 def test_the_seeds_issue_24_asks_for():
@@ -54,3 +55,11 @@ def test_the_seeds_issue_24_asks_for():
     assert protocols.LENET5_DENSE.fixed == {"method": "dense", "tau": 0, "epochs": 10}
     # the short runs that finish their tables first, then the FC tables
     assert SWEEPS[:4] == (protocols.LENET5_DENSE, protocols.LENET5_BASIS_EVERY, protocols.FC_DLRT, protocols.FC_DENSE)
+
+
+def test_each_imagenet_row_is_the_imagenet_experiment_with_its_model():
+    for model in ("resnet50", "vgg16"):
+        row = OmegaConf.to_container(compose_config([f"experiment=imagenet_{model}"]), resolve=True)
+        assert row == OmegaConf.to_container(compose_config(["experiment=imagenet", f"model={model}"]), resolve=True)
+        assert (row["model"]["name"], row["tau"], row["epochs"], row["finetune"]) == (
+            model, 0.1, protocols.RECIPES[model].epochs, {"method": "s_only", "epochs": 100})

@@ -21,6 +21,8 @@ from torch import nn
 from dlrt.conversion import convert
 from dlrt.layers import INITS, low_rank_layers, random_orthonormal, sorted_half_normal
 
+from .protocols import SPECTRA  # the paper's initial spectra, σ_k = d^-k
+
 
 class ModelError(ValueError):
     """A model cannot be built as asked; the message says why and what to do."""
@@ -95,9 +97,6 @@ def resnet50(input_shape, num_classes) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet5": lenet5, "vgg16": vgg16, "resnet50": resnet50}
 # The paper makes LeNet5's first conv low-rank; torchvision's nets keep theirs dense (a C_out x 27 matrix).
 LOW_RANK_FIRST_CONV = {"lenet5"}
-
-# Initial spectra of the paper's DLRT vs U V^T comparison: σ_k = d^-k for d = 1, 2, 10 (k = 0, 1, ...)
-SPECTRA = {"one": 1.0, "pow2": 2.0, "pow10": 10.0}
 
 
 def spectrum_values(spectrum: str, rank: int, init: str, like: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,17 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 
 def recipe_value(name: str, key: str):
     """The `dlrt.protocol:<name>,<key>` resolver of the configs: a model's recipe value (`lenet5,epochs`), or an
-    experiment's selection rule (`fc_mnist,selection`) or swept values, comma-separated (`fc_mnist,tau`)."""
+    experiment's selection rule (`fc_mnist,selection`), a setting of its table's protocol (`dlrt_vs_uv,lr`) or swept
+    values, comma-separated (`fc_mnist,tau`)."""
     if name in EXPERIMENTS:
         protocol, sweep = EXPERIMENTS[name]
         if key == "selection":
             return protocol.selection
+        if key in protocol.settings:
+            return protocol.settings[key]
         if key not in sweep.grid:
-            raise ValueError(f"experiment {name!r} sweeps {', '.join(sweep.grid)}, not {key!r}: see protocols.SWEEPS")
+            raise ValueError(f"experiment {name!r} sweeps {', '.join(sweep.grid)} and sets "
+                             f"{', '.join(protocol.settings)}, not {key!r}: see protocols.SWEEPS")
         return ",".join(map(str, sweep.grid[key]))
     if name not in RECIPES:
         raise ValueError(f"no training recipe for model {name!r}: known models are {', '.join(RECIPES)}; "
@@ -74,7 +78,7 @@ PAPER_LENET5 = {
     0.4: ("96.0 ± 0.94", "[2,4,4,10]", 7250, 98.3, 47882, 94.4),
     0.45: ("94.1 ± 0.49", "[2,2,3,10]", 6647, 98.5, 35654, 95.9),
 }
-PAPER_LENET5_DENSE_ACC = 98.8
+PAPER_LENET5_DENSE_ACC = float(PAPER_LENET5["dense"][0].split(" ± ")[0])  # the plots' dense line
 
 # 5-layer FC / MNIST: width -> ϑ (or "dense") -> test acc, ranks of the 4 low-rank layers
 PAPER_FC = {
@@ -121,7 +125,10 @@ PAPER_DLRT_VS_UV_STD = {
                            8.72, 7.17, 6.55, 5.75, 5.27, 4.81),
 }
 PAPER_DLRT_VS_UV = {key: curve[-1] for key, curve in PAPER_DLRT_VS_UV_MEAN.items()}  # the paper's final numbers
-SPECTRUM_LABELS = {"one": "1", "pow2": "2^-k", "pow10": "10^-k"}
+# The initial spectra of the DLRT vs U V^T comparison: σ_k = d^-k (k = 0, 1, ...) for each one's d, and the
+# decay as the paper writes it
+SPECTRA = {"one": 1.0, "pow2": 2.0, "pow10": 10.0}
+SPECTRUM_LABELS = {name: "1" if d == 1 else f"{d:g}^-k" for name, d in SPECTRA.items()}
 
 
 def parse_ranks(ranks: str) -> list[int]:
@@ -160,10 +167,11 @@ def recipe_settings(model: str) -> dict:
             "data.name": "mnist", "data.split": recipe.split, "data.subset": None}
 
 
+LENET5_DENSE_EPOCHS = 10
 LENET5 = TableProtocol(
-    "SGD lr 0.05, batch 128, 20 epochs (dense: 10), paper split of the 70k MNIST images, the authors' initial "
-    "factors, 5 runs per row, each read at its epoch of minimum validation loss",
-    recipe_settings("lenet5"), {"dense": {"epochs": 10}}, runs_per_row=5)
+    f"SGD lr 0.05, batch 128, 20 epochs (dense: {LENET5_DENSE_EPOCHS}), paper split of the 70k MNIST images, the "
+    "authors' initial factors, 5 runs per row, each read at its epoch of minimum validation loss",
+    recipe_settings("lenet5"), {"dense": {"epochs": LENET5_DENSE_EPOCHS}}, runs_per_row=5)
 FC = TableProtocol(
     "Adam lr 1e-3, batch 256, 50k/10k/10k split, 250 rank-adaptive epochs then 100 fixed-rank epochs at the final "
     "ranks; each run read at its final epoch (the accuracy after the fine-tuning, the ranks of the adaptive phase's "
@@ -218,7 +226,8 @@ FC_WIDTHS = tuple(PAPER_FC)
 FC_TAUS = _taus(PAPER_FC[FC_WIDTHS[0]])
 
 LENET5_DLRT = Sweep("lenet5_mnist", {"tau": _taus(PAPER_LENET5), "seed": SEEDS_LENET5})
-LENET5_DENSE = Sweep("lenet5_mnist", {"seed": SEEDS_LENET5}, {"method": "dense", "tau": 0, "epochs": 10})
+LENET5_DENSE = Sweep("lenet5_mnist", {"seed": SEEDS_LENET5},
+                     {"method": "dense", "tau": 0, **LENET5.settings_by_method["dense"]})
 LENET5_SVD_INIT = Sweep("lenet5_mnist", {"tau": _taus(PAPER_LENET5), "seed": SEEDS_LENET5}, {"model.init": "svd"})
 FC_DLRT = Sweep("fc_mnist", {"model.width": FC_WIDTHS, "tau": FC_TAUS[1:]})
 FC_DENSE = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"method": "dense", "tau": 0})

@@ -65,10 +65,7 @@ class Init(StrEnum):
     authors = "authors"
 
 
-class Spectrum(StrEnum):
-    one = "one"
-    pow2 = "pow2"
-    pow10 = "pow10"
+Spectrum = StrEnum("Spectrum", {name: name for name in protocols.SPECTRA})  # the paper's initial spectra
 
 
 class Split(StrEnum):

@@ -16,7 +16,7 @@ import pandas as pd
 
 from dlrt.experiments.protocols import FC, FC_AT_003, PAPER_FC, parse_ranks
 from dlrt.experiments.run_folder import RunFolder, RunFolderError
-from dlrt.metrics import compression_rate, dense_layer_count
+from dlrt.metrics import MODES, WeightShape, compression_rate, count_shapes, dense_reference
 
 from .archive import fill_from_archive
 from .markdown import (Table, acc_cell, command_lines, decimal, integer, is_missing, markdown_table,
@@ -41,15 +41,15 @@ def fc_shapes(width: int) -> list[tuple[int, int]]:
 
 
 def fc_counts(width: int, ranks: str) -> dict:
-    """Parameters and c.r. in the FC tables' convention (PAPER.md §4) for ranks '[r1,r2,r3,r4]' or 'full': eval
-    Σ (n+m) r, train Σ (2 (n+m) r + 4 r²), over the four low-rank layers, plus the dense output layer."""
+    """Parameters and c.r. in the FC tables' convention (dlrt.metrics, "fc") for ranks '[r1,r2,r3,r4]' of the four
+    low-rank layers or 'full'; the output layer is dense."""
     *low_rank, output = fc_shapes(width)
-    per_layer = {"eval": lambda n, m, r: (n + m) * r, "train": lambda n, m, r: 2 * (n + m) * r + 4 * r * r}
+    per_layer = [None] * len(low_rank) if ranks == "full" else parse_ranks(ranks)
+    shapes = [WeightShape(f"fc{i}", n, m, r) for i, ((n, m), r) in enumerate(zip(low_rank, per_layer))]
+    shapes.append(WeightShape("output", *output, None))
     counts = {}
-    for mode, count in per_layer.items():
-        dense = sum(dense_layer_count(n, m, mode) for n, m in low_rank + [output])
-        params = dense if ranks == "full" else (sum(count(n, m, r) for (n, m), r in zip(low_rank, parse_ranks(ranks)))
-                                                + dense_layer_count(*output, mode))
+    for mode in MODES:
+        params, dense = count_shapes(shapes, "fc", mode), dense_reference(shapes, mode)
         counts[f"{mode}_params_fc"], counts[f"cr_{mode}_fc"] = params, compression_rate(params, dense)
     return counts
 

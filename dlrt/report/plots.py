@@ -24,11 +24,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dlrt.experiments.protocols import PAPER_LENET5_DENSE_ACC  # noqa: E402
+from dlrt.experiments.protocols import PAPER_LENET5_DENSE_ACC, SPECTRUM_LABELS  # noqa: E402
 from dlrt.experiments.run_folder import atomic_write  # noqa: E402
 
 LENET5_LAYERS = ("conv1 (20 × 25)", "conv2 (50 × 500)", "fc1 (500 × 800)")
-SPECTRUM_TITLES = {"one": r"$\sigma_k = 1$", "pow2": r"$\sigma_k = 2^{-k}$", "pow10": r"$\sigma_k = 10^{-k}$"}
 UV_STYLES = {"fixed": ("DLRT", "tab:blue"), "vanilla": ("U V^T", "tab:red"),
              "vanilla_frozen_convs": ("U V^T, convs frozen", "tab:red")}
 INIT_MARKERS = {"authors": ("o", "authors' init"), "svd": ("^", "svd init")}
@@ -197,7 +196,8 @@ def dlrt_vs_uv(frame: pd.DataFrame | None, setup: str):
                 paper_std = np.nan_to_num(np.array([row.get(f"paper_epoch_{e}_std", np.nan) for e in epochs], dtype=float))
                 ax.plot(epochs, paper, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{label}, paper (10 runs)")
                 ax.fill_between(epochs, paper - paper_std, paper + paper_std, color=line.get_color(), alpha=0.08)
-        ax.set(title=SPECTRUM_TITLES.get(spectrum, str(spectrum)))
+        label = SPECTRUM_LABELS.get(spectrum)
+        ax.set(title=rf"$\sigma_k = {label.replace('^-k', '^{-k}')}$" if label else str(spectrum))
         epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")

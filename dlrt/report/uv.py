@@ -13,8 +13,8 @@ import math
 
 import pandas as pd
 
-from dlrt.experiments.protocols import (DLRT_VS_UV, DLRT_VS_UV_AUTHORS, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN,
-                                        PAPER_DLRT_VS_UV_STD, SPECTRUM_LABELS)
+from dlrt.experiments.protocols import (EXPERIMENTS, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD,
+                                        SPECTRUM_LABELS)
 
 from .archive import fill_from_archive
 from .markdown import Table, acc_cell, decimal, markdown_table, render, runs_cell, uv_method_label
@@ -23,10 +23,10 @@ from .runs import Experiment, Run, count_runs, group_runs, mean_std
 EPOCHS = len(next(iter(PAPER_DLRT_VS_UV_MEAN.values())))
 # the paper's method names for each setup's rows: its U V^T row is the authors' frozen-conv baseline
 PAPER_METHOD = {"fixed": "fixed", "vanilla": "vanilla", "vanilla_frozen_convs": "vanilla"}
-SETUPS = {
-    "dlrt_vs_uv_authors": ("the authors' setup", DLRT_VS_UV_AUTHORS, ("fixed", "vanilla_frozen_convs")),
-    "dlrt_vs_uv": ("ours: every layer factorised and trained", DLRT_VS_UV, ("fixed", "vanilla")),
-}
+# each setup's label, its table's protocol and the methods its sweep runs (protocols.EXPERIMENTS)
+SETUPS = {name: (label, EXPERIMENTS[name][0], EXPERIMENTS[name][1].grid["method"])
+          for name, label in (("dlrt_vs_uv_authors", "the authors' setup"),
+                              ("dlrt_vs_uv", "ours: every layer factorised and trained"))}
 
 
 def epoch_accuracies(runs: list[Run]) -> list[tuple[float, float]]:
