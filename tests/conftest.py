@@ -29,6 +29,7 @@ SLOW_FIXTURES = {
 }
 # the other end-to-end tests, by file (names without their parameters)
 SLOW_TESTS = {
+    "test_published_defects.py": {"test_a_run_with_the_defects_trains_and_records"},
     "test_authors_setup.py": {"test_authors_baseline_needs_their_init_and_a_spectrum",
                               "test_train_test_split_has_no_validation_set_and_the_paper_splits_test_set"},
     "test_bench.py": {"test_python_m_dlrt_bench_runs_without_hydra",
