@@ -43,21 +43,22 @@ def is_basis_step(group: dict) -> bool:
 
 @torch.no_grad()
 def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> None:
-    """step: a functional.LayerStep whose svd is the SVD of the layer's current core; r1: its truncated rank.
+    """step: a functional.LayerStep whose svd is the SVD of the layer's current core; r1: its truncated rank. The
+    augmented factors are left in step.new_factors.
     `directions(entries)`: functional.directions, the update rules' directions for (state, gradient, group)."""
-    layer, state, group = step.layer, step.state, step.group
+    state, group = step.state, step.group
     P1, sigma1, Q1 = _truncated_svd(step, r1)
-    U1, V1 = layer.U.detach() @ P1, layer.V.detach() @ Q1
-    grad_K, grad_L = layer.U.grad @ Q1, layer.V.grad @ P1  # G V1, G^T U1
-    grad_S = P1.T @ layer.S.grad @ Q1  # U1^T G V1
+    U1, V1 = step.U @ P1, step.V @ Q1
+    grad_K, grad_L = step.grad_U @ Q1, step.grad_V @ P1  # G V1, G^T U1
+    grad_S = P1.T @ step.grad_S @ Q1  # U1^T G V1
     _move_states(step, P1, Q1)
     dK, dL = directions([(state["K"], grad_K, group), (state["L"], grad_L, group)])
-    count = integrators.augmentation_size(r1, layer.out_dim, layer.in_dim)
+    count = integrators.augmentation_size(r1, step.out_dim, step.in_dim)
     U_new, V_new = linalg.new_directions_of_many([U1, V1], [dK, dL], [count, count], projected=checked_shortcuts)
-    block = layer.project_gradient(U_new, V_new)
+    block = step.project_gradient(U_new, V_new)
     if step.edit_scale is not None:
         block = block * step.edit_scale
-    layer.step_inputs.clear()
+    step.inputs.clear()
     if world_size() > 1:
         all_reduce_mean([block])
     grad = integrators.augmented_gradient(grad_S, grad_K, grad_L, U_new, V_new, block)
@@ -67,7 +68,7 @@ def truncate_and_augment(step, r1: int, checked_shortcuts: bool, directions) -> 
     # K's state has V's columns, L's U's: the new directions start with none
     state["K"], state["L"] = lift_columns(state["K"], size), lift_columns(state["L"], size)
     core = integrators.gradient_step(integrators.augmented_core(torch.diag(sigma1), size), dS, group["lr"])
-    layer.set_factors(torch.cat([U1, U_new], dim=1), core, torch.cat([V1, V_new], dim=1))
+    step.new_factors = (torch.cat([U1, U_new], dim=1), core, torch.cat([V1, V_new], dim=1))
 
 
 def lift_columns(state: dict, size: int) -> dict:
@@ -80,9 +81,10 @@ def lift_columns(state: dict, size: int) -> dict:
 @torch.no_grad()
 def truncate(step, r1: int) -> None:
     """Truncate a layer between basis steps (DLRTOptimizer.truncate: before an evaluation or an export) to rank r1,
-    as the next basis step would: step.svd is the SVD of its core; the states move into the new bases."""
+    as the next basis step would: step.svd is the SVD of its core; the states move into the new bases, the new
+    factors are left in step.new_factors."""
     P1, sigma1, Q1 = _truncated_svd(step, r1)
-    step.layer.set_factors(step.layer.U.detach() @ P1, torch.diag(sigma1), step.layer.V.detach() @ Q1)
+    step.new_factors = (step.U @ P1, torch.diag(sigma1), step.V @ Q1)
     _move_states(step, P1, Q1)
 
 

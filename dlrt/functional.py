@@ -6,8 +6,10 @@ each half from a CUDA graph): `prepare` computes what can be computed without re
 and `finish` writes the new factors and optimizer states. Each method is one class with those two halves; `METHODS`
 maps a method's name to it.
 
-Each layer of a step is a LayerStep: the layer, its optimizer state ({"K", "L", "S"}: the update rule's state
-of each factor, as matrices in the layer's current bases) and its param group (lr, ϑ, rank bounds, rule).
+Each layer of a step is a LayerStep: its factors and their gradients as tensors, its optimizer state ({"K", "L",
+"S"}: the update rule's state of each factor, as matrices in the layer's current bases) and its param group (lr, ϑ,
+rank bounds, rule). The methods work on these tensors only, in place where a factor keeps its shape; factors of a new
+shape they leave in the LayerStep for dlrt.step_paths to write into the layer.
 
 The parts of a step carry torch.profiler labels ("dlrt::qr", "dlrt::svd", ...: PARTS), so a profile shows where
 a step's time goes (dlrt.bench's breakdown suite reads them); outside a profile they are not made at all.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +31,7 @@ from . import integrators
 from . import linalg
 from .distributed import all_reduce_mean
 from .groups import rule_key
-from .layers import LowRankLayer
+from .layers import LowRankLayer, StepInputs
 from .update_rules import change_basis, lift_state, make_rule
 
 
@@ -44,11 +47,25 @@ def part(name: str):
 
 @dataclass
 class LayerStep:
-    layer: LowRankLayer
+    """One layer's part of a step, as tensors. The methods read the factors, their gradients, the rule's state and
+    the group's settings, update S (and vanilla's U and V) in place, move the state, and leave factors of a new shape
+    in `new_factors`, which dlrt.step_paths writes into the layer. They never touch the layer itself."""
+
     state: dict  # {"K": {...}, "L": {...}, "S": {...}}
     group: dict  # the layer's param group
     r_min: int  # the layer's rank bounds (its group's, capped by the layer's size)
     r_max: int
+    U: torch.Tensor  # the factors (detached: an in-place update is the layer's), and their gradients G V, U^T G V, G^T U
+    S: torch.Tensor
+    V: torch.Tensor
+    grad_U: torch.Tensor | None
+    grad_S: torch.Tensor | None
+    grad_V: torch.Tensor | None
+    out_dim: int
+    in_dim: int
+    inputs: StepInputs | None  # the x and dy the backward recorded (adaptive), for project_gradient
+    project_gradient: Callable  # (Ũ, Ṽ) -> Ũ^T G Ṽ from those inputs (the layer's, linear or conv)
+    layer: LowRankLayer | None = None  # where step_paths writes new_factors: never read by a method
     new_bases: tuple | None = None  # Ũ, Ṽ
     core: torch.Tensor | None = None  # the S-step at the augmented bases
     svd: tuple | None = None  # (P, σ, Qh) of the core
@@ -56,6 +73,17 @@ class LayerStep:
     # a basis step of a cycle (basis_every > 1, dlrt.basis_cycle): its SVD is of the core the cycle trained, and
     # it ends augmented, untruncated
     in_cycle: bool = False
+    new_factors: tuple | None = None  # U, S, V at a new shape, for the layer
+
+    @classmethod
+    def of(cls, layer: LowRankLayer, state: dict, group: dict, r_min: int, r_max: int, in_cycle: bool = False):
+        U, S, V = layer.U, layer.S, layer.V
+        return cls(state, group, r_min, r_max, U.detach(), S.detach(), V.detach(), U.grad, S.grad, V.grad,
+                   layer.out_dim, layer.in_dim, layer.step_inputs, layer.project_gradient, layer, in_cycle=in_cycle)
+
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
 
 
 @dataclass
@@ -78,8 +106,7 @@ def note_gradient_edits(steps: list[LayerStep]) -> torch.Tensor | None:
     Data parallel: taken before the gradients are averaged, since each worker recorded its own x and dy."""
     unhonoured = []
     for step in steps:
-        inputs = step.layer.step_inputs
-        reference, grad = (inputs.reference_S if inputs is not None else None), step.layer.S.grad
+        reference, grad = (step.inputs.reference_S if step.inputs is not None else None), step.grad_S
         if reference is None or grad is None:
             continue
         tiny = torch.finfo(grad.dtype).tiny
@@ -112,8 +139,8 @@ def directions(entries: list[tuple[dict, torch.Tensor, dict]]) -> list[torch.Ten
 
 def kl_directions(steps: list[LayerStep]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """dK, dL per layer, from the gradients G V0 (in U.grad) and G^T U0 (in V.grad)."""
-    found = directions([(s.state["K"], s.layer.U.grad, s.group) for s in steps] +
-                       [(s.state["L"], s.layer.V.grad, s.group) for s in steps])
+    found = directions([(s.state["K"], s.grad_U, s.group) for s in steps] +
+                       [(s.state["L"], s.grad_V, s.group) for s in steps])
     return list(zip(found[: len(steps)], found[len(steps):]))
 
 
@@ -153,9 +180,9 @@ class _RankAdaptive(Method):
             return
         kl = kl_directions(steps)
         # the new directions Ũ, Ṽ from the K- and L-step directions; all U's and V's of the same shape in one QR
-        counts = [integrators.augmentation_size(s.layer.rank, s.layer.out_dim, s.layer.in_dim) for s in steps]
+        counts = [integrators.augmentation_size(s.rank, s.out_dim, s.in_dim) for s in steps]
         with part("qr"):
-            bases = [s.layer.U.detach() for s in steps] + [s.layer.V.detach() for s in steps]
+            bases = [s.U for s in steps] + [s.V for s in steps]
             directions = [dK for dK, _ in kl] + [dL for _, dL in kl]
             found = linalg.new_directions_of_many(bases, directions, counts * 2, projected=plan.checked_shortcuts)
         for step, U_new, V_new in zip(steps, found[: len(steps)], found[len(steps):]):
@@ -175,15 +202,15 @@ class _RankAdaptive(Method):
                 with part("set_factors"):
                     basis_cycle.truncate_and_augment(step, r1, plan.checked_shortcuts, directions)
                 continue
-            layer, state, policy = step.layer, step.state, step.group["state_policy"]
+            state, policy = step.state, step.group["state_policy"]
             rule = make_rule(*rule_key(step.group))
-            r0 = layer.rank
+            r0 = step.rank
             P, sigma, Qh = step.svd
             P1, Q1 = P[:, :r1], Qh[:r1].T
             U_new, V_new = step.new_bases
             with part("set_factors"):
-                layer.set_factors(integrators.rotate(layer.U.detach(), U_new, P1), torch.diag(sigma[:r1]),
-                                  integrators.rotate(layer.V.detach(), V_new, Q1))
+                step.new_factors = (integrators.rotate(step.U, U_new, P1), torch.diag(sigma[:r1]),
+                                    integrators.rotate(step.V, V_new, Q1))
             with part("state_moves"):
                 state["K"] = change_basis(state["K"], rule, policy, None, Q1[:r0])  # V0^T V1
                 state["L"] = change_basis(state["L"], rule, policy, None, P1[:r0])  # U0^T U1
@@ -200,19 +227,18 @@ class Adaptive(_RankAdaptive):
         blocks = []
         for s in steps:
             with part("project_gradient"):
-                block = s.layer.project_gradient(*s.new_bases)
+                block = s.project_gradient(*s.new_bases)
                 blocks.append(block if s.edit_scale is None else block * s.edit_scale)
-            s.layer.step_inputs.clear()  # x and dy are done with: freed before the cores are made (issue 18)
+            s.inputs.clear()  # x and dy are done with: freed before the cores are made (issue 18)
         if world_size > 1:
             all_reduce_mean(blocks)
-        grads = [integrators.augmented_gradient(s.layer.S.grad, s.layer.U.grad, s.layer.V.grad, *s.new_bases, block)
+        grads = [integrators.augmented_gradient(s.grad_S, s.grad_U, s.grad_V, *s.new_bases, block)
                  for s, block in zip(steps, blocks)]
         with part("state_moves"):
             for step, grad in zip(steps, grads):
                 step.state["S"] = lift_state(step.state["S"], grad.shape[0])
         for step, grad, dS in zip(steps, grads, s_directions(steps, grads)):
-            step.core = integrators.gradient_step(integrators.augmented_core(step.layer.S.detach(), grad.shape[0]), dS,
-                                                  step.group["lr"])
+            step.core = integrators.gradient_step(integrators.augmented_core(step.S, grad.shape[0]), dS, step.group["lr"])
 
 
 class Parallel(_RankAdaptive):
@@ -222,9 +248,9 @@ class Parallel(_RankAdaptive):
     uses_kl_in_cores = True
 
     def cores(self, steps, kl, world_size):
-        for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps]), kl):
+        for step, dS, (dK, dL) in zip(steps, s_directions(steps, [s.grad_S for s in steps]), kl):
             lr = step.group["lr"]
-            S1 = integrators.gradient_step(step.layer.S.detach(), dS, lr)
+            S1 = integrators.gradient_step(step.S, dS, lr)
             step.core = integrators.parallel_core(S1, dK, dL, *step.new_bases, lr)
             step.state["S"] = lift_state(step.state["S"], step.core.shape[0])
 
@@ -244,8 +270,8 @@ class Vanilla(Method):
 
     def finish(self, plan, new_ranks):
         for step, (dU, dV) in zip(plan.steps, kl_directions(plan.steps)):
-            integrators.gradient_step(step.layer.U, dU, step.group["lr"], out=step.layer.U)
-            integrators.gradient_step(step.layer.V, dV, step.group["lr"], out=step.layer.V)
+            integrators.gradient_step(step.U, dU, step.group["lr"], out=step.U)
+            integrators.gradient_step(step.V, dV, step.group["lr"], out=step.V)
 
 
 class Fixed(Method):
@@ -258,14 +284,13 @@ class Fixed(Method):
     def basis_update(steps: list[LayerStep], checked_shortcuts: bool) -> None:
         qr = lambda X: linalg.tall_qr(X, checked=checked_shortcuts)
         for step, (dK, dL) in zip(steps, kl_directions(steps)):
-            layer, state, policy = step.layer, step.state, step.group["state_policy"]
+            state, policy = step.state, step.group["state_policy"]
             rule, lr = make_rule(*rule_key(step.group)), step.group["lr"]
-            U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            U0, S0, V0 = step.U, step.S, step.V
             with part("qr"):
                 U1, S_tilde, V1, U_overlap, V_overlap = integrators.fixed_rank_basis(
                     U0, S0, V0, integrators.k_step(U0, S0, dK, lr), integrators.l_step(V0, S0, dL, lr), qr=qr)
-            with part("set_factors"):
-                layer.set_factors(U1, S_tilde, V1)
+            step.new_factors = (U1, S_tilde, V1)
             with part("state_moves"):
                 state["K"] = change_basis(state["K"], rule, policy, None, V_overlap)
                 state["L"] = change_basis(state["L"], rule, policy, None, U_overlap)
@@ -277,9 +302,9 @@ class Fixed(Method):
 
 def s_steps(steps: list[LayerStep]) -> None:
     """S1 = S0 - lr dS for the layers whose S has a gradient."""
-    steps = [s for s in steps if s.layer.S.grad is not None]
-    for step, dS in zip(steps, s_directions(steps, [s.layer.S.grad for s in steps])):
-        integrators.gradient_step(step.layer.S, dS, step.group["lr"], out=step.layer.S)
+    steps = [s for s in steps if s.grad_S is not None]
+    for step, dS in zip(steps, s_directions(steps, [s.grad_S for s in steps])):
+        integrators.gradient_step(step.S, dS, step.group["lr"], out=step.S)
 
 
 METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "fixed": Fixed(), "s_only": SOnly(),
@@ -293,7 +318,7 @@ METHODS: dict[str, Method] = {"adaptive": Adaptive(), "parallel": Parallel(), "f
 
 def decomposed(step: LayerStep) -> torch.Tensor:
     """What the step's SVD is taken of: the augmented core, or in a cycle's basis step the core the cycle trained."""
-    return step.layer.S.detach() if step.in_cycle else step.core
+    return step.S if step.in_cycle else step.core
 
 
 def decide_ranks(plan: StepPlan, on_host: bool, bounds: tuple[torch.Tensor, ...]) -> None:

@@ -274,13 +274,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
         reports from, or an export. The other groups' steps end truncated: nothing to do for them. A truncated group's
         next step is a basis step: a cycle starts afresh."""
         groups = [group for group in self.low_rank_groups if group["basis_every"] > 1]
-        steps = [functional.LayerStep(layer, self._state_of(layer, group), group, *bounds(layer, group), in_cycle=True)
-                 for group in groups for layer in group["layers"]]
+        steps = [functional.LayerStep.of(layer, self._state_of(layer, group), group, *bounds(layer, group),
+                                         in_cycle=True) for group in groups for layer in group["layers"]]
         if steps:  # the SVDs and rank decisions of a basis step's first half, one host read for all layers
             plan = functional.StepPlan(steps)
             self.decide_ranks(plan)
             for step, r1 in zip(steps, plan.new_ranks.tolist()):
                 basis_cycle.truncate(step, r1)
+            step_paths.write_new_factors(steps)
         for group in groups:
             group[BASIS_CLOCK] = 0
             self._ready_for_next_step(group)

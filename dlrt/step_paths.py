@@ -39,8 +39,8 @@ def layer_steps(groups: list[dict], state_of: Callable) -> tuple[list[functional
         for layer in group["layers"]:
             grad = layer.U.grad if at_basis and group["method"] != "s_only" else layer.S.grad
             if grad is not None:
-                step = functional.LayerStep(layer, state_of(layer, group), group, *bounds(layer, group),
-                                     in_cycle=group["basis_every"] > 1)
+                step = functional.LayerStep.of(layer, state_of(layer, group), group, *bounds(layer, group),
+                                               in_cycle=group["basis_every"] > 1)
                 (basis if at_basis else coefficient).append(step)
     return basis, coefficient
 
@@ -107,7 +107,18 @@ def finish(plan: functional.StepPlan, new_ranks: list[int] | None) -> None:
         method = functional.METHODS[name]
         method.finish(functional.StepPlan(same, plan.checked_shortcuts),
                       [rank_of[id(step)] for step in same] if method.changes_ranks else None)
+    write_new_factors(plan.steps)
     functional.s_steps(plan.coefficient_steps)
+
+
+def write_new_factors(steps: list[functional.LayerStep]) -> None:
+    """The factors of a new shape (or, for fixed, a new basis) that the methods left, into their layers (new
+    Parameters, or a copy into the old ones at the same shape: the "set_factors" part of a profile is the methods'
+    forming of them)."""
+    for step in steps:
+        if step.new_factors is not None:
+            step.layer.set_factors(*step.new_factors)
+            step.new_factors = None
 
 
 def takes_layer_by_layer(groups: list[dict], placement: Placement) -> bool:
@@ -134,10 +145,11 @@ def layer_by_layer(groups: list[dict], state_of: Callable, placement: Placement,
         step, method = plan.steps[0], method_of(plan.steps[0])
         factors = (step.layer.U, step.layer.S, step.layer.V)  # at a new rank `finish` replaces them
         method.prepare(plan, world_size())
-        if step.layer.step_inputs is not None and not step.in_cycle:  # x and dy are read (a cycle's basis
-            step.layer.step_inputs.clear()                           # step reads them in finish)
+        if step.inputs is not None and not step.in_cycle:  # x and dy are read (a cycle's basis step reads
+            step.inputs.clear()                           # them in finish)
         decide_ranks(plan, placement)
         method.finish(plan, plan.new_ranks.tolist() if plan.new_ranks is not None else None)
+        write_new_factors(plan.steps)
         for factor in factors:
             factor.grad = None
     return coefficient_steps
@@ -157,6 +169,7 @@ def two_pass(groups: list[dict], state_of: Callable, placement: Placement, synch
         raise RuntimeError("method='fixed': no low-rank layer has a gradient after the closure; the closure must "
                            "compute the loss and call backward()")
     functional.Fixed.basis_update(steps, placement.takes_checked_shortcuts(layers))
+    write_new_factors(steps)
     zero_grad()
     # The second pass needs only S.grad (and the dense parameters' gradients): with U and V frozen the backward
     # skips G V and G^T U, a third of a low-rank layer's backward.
@@ -167,4 +180,5 @@ def two_pass(groups: list[dict], state_of: Callable, placement: Placement, synch
                            "taken; the closure must zero the gradients, recompute the loss and call backward() every "
                            "time it is called")
     synchronise()
-    return functional.StepPlan(steps)
+    # the S-step reads the moved factors and the second pass's S gradients
+    return functional.StepPlan([functional.LayerStep.of(s.layer, s.state, s.group, s.r_min, s.r_max) for s in steps])
