@@ -48,7 +48,8 @@ def check_hyperparameters(group: dict) -> None:
     if group["absolute_tau"] and not group["tau"] >= 0:
         raise ValueError(f"an absolute tau must be >= 0, got {group['tau']}")
     if not group["absolute_tau"] and not 0 <= group["tau"] < 1:
-        raise ValueError(f"tau (relative truncation tolerance) must be in [0, 1), got {group['tau']}")
+        raise ValueError(f"tau (relative truncation tolerance) must be in [0, 1), got {group['tau']} (or set "
+                         "absolute_tau, which compares ϑ with the tail itself)")
     if group["state_policy"] not in STATE_POLICIES:
         raise ValueError(f"unknown state_policy {group['state_policy']!r}: choose one of {', '.join(STATE_POLICIES)}")
     if group["optimizer"] not in RULES:

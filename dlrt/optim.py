@@ -35,6 +35,7 @@ DistributedDataParallel.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 from typing import Callable, Iterable
@@ -420,6 +421,15 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for group in groups:
             self._set_up_for[id(group)] = group["method"]
             self._ready_for_next_step(group)
+
+
+def check_settings(**settings) -> None:
+    """Refuse, with DLRTOptimizer's own one-line messages, the settings it would refuse, before any model exists
+    (dlrt-run checks its config with this). `settings`: DLRTOptimizer's keyword arguments but the model."""
+    arguments = inspect.signature(DLRTOptimizer.__init__).bind(None, None, **settings)  # self and params
+    arguments.apply_defaults()
+    _check_group(make_defaults(**{key: value for key, value in arguments.arguments.items()
+                                  if key not in ("self", "params", "dense_optimizer")}))
 
 
 def _check_group(group: dict) -> None:

@@ -99,7 +99,7 @@ def test_a_failed_job_does_not_end_the_sweep_which_lists_it(tmp_path):
 
 def test_a_sweep_checks_every_job_before_it_runs_any(tmp_path):
     result = dlrt_run("-m", "tau=0.1,0.2,1.5", *QUICK, f"out_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2 and "job 2 (tau=1.5" in result.stderr and "outside [0, 1)" in result.stderr
+    assert result.returncode == 2 and "job 2 (tau=1.5" in result.stderr and "must be in [0, 1)" in result.stderr
     assert not list(tmp_path.glob("*/summary.json"))
 
 
@@ -160,8 +160,8 @@ ERRORS = [  # args, message fragment: every misuse of the issue's list, each one
     (["seed=1.5"], "seed: Value '1.5' of type 'float' could not be converted to Integer"),
     (["epochs=true"], "epochs: Value 'True' of type 'bool' could not be converted to Integer"),
     (["tau=abc"], "tau: Value 'abc' of type 'str' could not be converted to Float"),
-    (["tau=1.5"], "tau=1.5 is outside [0, 1)"),
-    (["tau=-0.1"], "tau=-0.1 is outside [0, 1)"),
+    (["tau=1.5"], "tau=1.5: tau (relative truncation tolerance) must be in [0, 1)"),
+    (["tau=-0.1"], "tau=-0.1: tau (relative truncation tolerance) must be in [0, 1)"),
     (["epochs=0"], "epochs=0 must be a number >= 1"),
     (["batch_size=-4"], "batch_size=-4 must be a number >= 1"),
     (["lr=0"], "lr=0.0 must be > 0"),
@@ -175,12 +175,12 @@ ERRORS = [  # args, message fragment: every misuse of the issue's list, each one
     (["++method.rmax=3"], "method.rmax: method 'adaptive' has no such key, so it would be ignored"),
     (["++data.noise=inf", "data=mnist"], "data.noise: data 'mnist' has no such key"),
     (["optim.betas=[0.9,0.99]"], "unknown key 'optim.betas'"),  # betas are Adam's, and the optimizer is SGD
-    (["method.r_min=0"], "method.r_min=0 must be a number >= 1"),
-    (["method.r_max=1"], "method.r_max=1 is below method.r_min=2"),
+    (["method.r_min=0"], "method.r_min=0: r_min must be an integer >= 1"),
+    (["method.r_max=1"], "method.r_max=1: r_max must be None or an integer >= r_min = 2"),
     (["method.state_policy=nope"],
      "method.state_policy: Invalid value 'nope', expected one of [project, keep, reset, restart]"),
-    (["optim.momentum=-1"], "optim.momentum=-1.0 must be in [0, 1)"),
-    (["optim=adam", "optim.betas=[2,0]"], "optim.betas=[2.0, 0.0] must be two numbers in [0, 1)"),
+    (["optim.momentum=-1"], "optim.momentum=-1.0: momentum must be a number in [0, 1)"),
+    (["optim=adam", "optim.betas=[2,0]"], "optim.betas=[2.0, 0.0]: betas must be two numbers in [0, 1)"),
     (["scheduler.factor=2"], "scheduler.factor=2.0 must be in (0, 1)"),
     (["scheduler.name=cosine"], "scheduler.name: Invalid value 'cosine', expected one of [none, plateau]"),
     (["finetune.method=sgd"], "finetune.method: Invalid value 'sgd', expected one of [fixed, s_only]"),

@@ -114,9 +114,10 @@ def freeze_convs_as_authors(model) -> None:
             factor.requires_grad_(False)
 
 
-def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
-    """The optimizer of one phase: `method` is cfg.method.name, or finetune.method for the fine-tuning phase. The
-    method's and the update rule's keys are DLRTOptimizer's arguments; those a group lacks take its defaults."""
+def optimizer_settings(cfg: DictConfig, method: str) -> dict:
+    """DLRTOptimizer's arguments (all but the model) for one phase: `method` is cfg.method.name, or finetune.method
+    for the fine-tuning phase. The method's and the update rule's keys are DLRTOptimizer's; those a group lacks take
+    its defaults."""
     # plain strings, not the schema's enums: the optimizer's state_dict holds its settings, and a checkpoint must
     # load without the harness (torch.load's weights_only)
     settings = {key: value for group in (cfg.method, cfg.optim)
@@ -125,11 +126,13 @@ def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
         settings["betas"] = tuple(settings["betas"])
     if method != cfg.method.name:
         settings["basis_every"] = 1  # a fine-tuning phase steps its bases at every batch
-    return DLRTOptimizer(
-        model, lr=cfg.lr, tau=cfg.tau, method=METHODS[method].steps_as if method in METHODS else method,
-        optimizer=str(cfg.optim.name), svd_on=str(cfg.svd_on), **settings,
-        checked_shortcuts=False if cfg.cuda_graphs else None,  # a graph cannot hold their host-side checks
-    )
+    return dict(lr=cfg.lr, tau=cfg.tau, method=METHODS[method].steps_as if method in METHODS else method,
+                optimizer=str(cfg.optim.name), svd_on=str(cfg.svd_on), **settings,
+                checked_shortcuts=False if cfg.cuda_graphs else None)  # a graph cannot hold their host-side checks
+
+
+def make_optimizer(cfg: DictConfig, model, method: str) -> DLRTOptimizer:
+    return DLRTOptimizer(model, **optimizer_settings(cfg, method))
 
 
 def make_scheduler(cfg: DictConfig, optimizer: DLRTOptimizer):

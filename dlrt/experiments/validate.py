@@ -98,11 +98,7 @@ def _at_least(cfg, key: str, low, allow_none: bool = False) -> None:
 
 
 def _check_numbers(cfg: DictConfig) -> None:
-    relative = cfg.method.get("absolute_tau") is not True
-    if relative and not 0 <= cfg.tau < 1:
-        raise ConfigError(f"tau={cfg.tau} is outside [0, 1): ϑ is relative to ‖σ‖ (or set method.absolute_tau=true)")
-    if not cfg.tau >= 0:
-        raise ConfigError(f"tau={cfg.tau} must be >= 0")
+    _check_optimizer_settings(cfg)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         _at_least(cfg, key, 1)
     _at_least(cfg, "threads", 1, allow_none=True)
@@ -119,18 +115,8 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"lr={cfg.lr} must be > 0")
     if not 0 < cfg.scheduler.factor < 1:
         raise ConfigError(f"scheduler.factor={cfg.scheduler.factor} must be in (0, 1): the lr is multiplied by it")
-    method, optim, data = cfg.method, cfg.optim, cfg.data
-    if "r_min" in method:
-        _at_least(cfg, "method.r_min", 1)
-        if method.r_max is not None and method.r_max < method.r_min:
-            raise ConfigError(f"method.r_max={method.r_max} is below method.r_min={method.r_min}")
-    if "basis_every" in method:
-        _at_least(cfg, "method.basis_every", 1)
-    if optim.name == "sgd" and not 0 <= optim.momentum < 1:
-        raise ConfigError(f"optim.momentum={optim.momentum} must be in [0, 1)")
+    optim, data = cfg.optim, cfg.data
     if optim.name == "adam":
-        if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-            raise ConfigError(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
         if not optim.eps >= FLOAT32_TINY:
             raise ConfigError(f"optim.eps={optim.eps} must be >= {FLOAT32_TINY:.3g}: a smaller one is 0 in float32, "
                               "and Adam divides by it")
@@ -146,6 +132,33 @@ def _check_numbers(cfg: DictConfig) -> None:
         _at_least(cfg, "data.workers", 0)
     if "width" in cfg.model:
         _at_least(cfg, "model.width", 1)
+
+
+# DLRTOptimizer's settings by the config key that sets them (the others are named alike)
+CONFIG_KEYS = {"absolute_tau": "method.absolute_tau", "r_min": "method.r_min", "r_max": "method.r_max",
+               "state_policy": "method.state_policy", "basis_every": "method.basis_every",
+               "momentum": "optim.momentum", "betas": "optim.betas", "eps": "optim.eps"}
+
+
+def _check_optimizer_settings(cfg: DictConfig) -> None:
+    """What DLRTOptimizer refuses (dlrt.optim.check_settings: its rules, written once), refused before any work,
+    each message led by the config key and its value."""
+    from dlrt.optim import check_settings  # torch: imported only when a run is checked, not for --help
+
+    from .runtime import optimizer_settings
+
+    settings = optimizer_settings(cfg, cfg.method.name)
+    try:
+        check_settings(**settings)
+    except ValueError as error:
+        message = str(error)
+        named = [key for key in sorted(settings, key=len, reverse=True)
+                 if message.startswith((f"{key} ", f"{key}=", f"an absolute {key} ", f"unknown {key} "))]
+        if named:
+            key = named[0]
+            value = list(settings[key]) if isinstance(settings[key], tuple) else settings[key]
+            raise ConfigError(f"{CONFIG_KEYS.get(key, key)}={value}: {message}") from None
+        raise ConfigError(message) from None
 
 
 def _check_combinations(cfg: DictConfig) -> None:
