@@ -42,6 +42,17 @@ def plain_step(model, opt, x, y) -> float:
     return loss.item()
 
 
+def closure_step(model, opt, x, y) -> float:
+    """One step as torch documents it for closures: the optimizer calls the closure (twice for method='fixed')."""
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return opt.step(closure).item()
+
+
 def seeded(factory, seed: int = 0, dtype=torch.float64):
     """A model built with `dtype` as the default, so its factors are orthonormal to that precision."""
     torch.manual_seed(seed)

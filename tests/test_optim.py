@@ -13,18 +13,7 @@ from dlrt.functional import StepPlan
 from dlrt.placement import HOST_SVD_MAX_SIZE, Placement
 from dlrt.step_paths import takes_layer_by_layer
 
-from helpers import batch_for, seeded, small_cnn, small_mlp
-
-
-def train_step(model, opt, x, y):
-    """One step as torch documents it: the optimizer calls the closure (twice for method='fixed')."""
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return opt.step(closure).item()
+from helpers import batch_for, closure_step as train_step, seeded, small_cnn, small_mlp
 
 
 @pytest.mark.parametrize("method", METHODS)

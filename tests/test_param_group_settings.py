@@ -5,21 +5,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dlrt import DLRTOptimizer, low_rank_layers
 
-from helpers import batch_for, plain_step, seeded, small_cnn, small_mlp
-
-
-def closure_step(model, opt, x, y) -> float:
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return opt.step(closure).item()
+from helpers import batch_for, closure_step, plain_step, seeded, small_cnn, small_mlp
 
 
 def set_method(opt, method: str) -> None:
