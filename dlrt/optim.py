@@ -237,7 +237,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         """The new directions and the S-step at the augmented bases (the cores) of every layer with a gradient.
         Nothing in it reads a device value on the host."""
         if self.passes == 2:
-            raise RuntimeError(f"method={self.method!r} takes a second pass inside step(closure): it has no prepare_step")
+            raise RuntimeError(f"method={self.method!r} takes a second pass inside step(closure): it has no "
+                               "prepare_step")
         check_not_merged(self._layers)
         self._refresh_factor_params()
         return step_paths.prepare_cores(self.low_rank_groups, self._state_of, self.placement(),
@@ -325,10 +326,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
                              "converting the model anew")
         if method == "vanilla" and before != "vanilla":
             functional.absorb_singular_values(group["layers"])
-        if before == "s_only" or method == "s_only":
-            for layer in group["layers"]:
+        trains_bases = functional.METHODS[method].trains_bases
+        trained_before = functional.METHODS[before].trains_bases if before else True  # a new group's factors train
+        if trains_bases != trained_before:
+            for layer in group["layers"]:  # s_only: the backward skips G V and G^T U
                 for factor in (layer.U, layer.V):
-                    factor.requires_grad_(method != "s_only")
+                    factor.requires_grad_(trains_bases)
         self._set_up_for[id(group)] = method
         self._ready_for_next_step(group)
 
