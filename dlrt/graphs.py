@@ -41,7 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import step_paths
 from .basis_cycle import BASIS_CLOCK, is_basis_step
-from .optim import LOW_RANK_KEYS, DLRTOptimizer
+from .optim import DLRTOptimizer
+from .optim_state import LOW_RANK_KEYS
 
 
 class GraphedStep:

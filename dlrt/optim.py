@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
@@ -45,6 +44,7 @@ from torch import nn
 
 from . import basis_cycle
 from . import functional
+from . import optim_state
 from . import step_paths
 from .basis_cycle import BASIS_CLOCK, check_basis_every, is_basis_step
 from .conversion import check_not_merged
@@ -52,11 +52,11 @@ from .distributed import all_reduce_mean, broadcast_buffers, world_size
 from .groups import (bounds, check_hyperparameters, factors, groups_of, layers_of, make_defaults,
                      make_dense_optimizer, rule_key)
 from .layers import StepInputs, LowRankLayer
+from .optim_state import LOW_RANK_KEYS
 from .placement import Placement
 from .update_rules import make_rule
 
 METHODS = tuple(functional.METHODS)
-LOW_RANK_KEYS = ("layers", "params")  # the keys of a low-rank group that are not hyperparameters
 
 
 class DLRTOptimizer(torch.optim.Optimizer):
@@ -102,9 +102,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.dense_optimizer = make_dense_optimizer(dense_optimizer, dense_params, defaults)
         self.param_groups = self.param_groups + self.dense_optimizer.param_groups
 
-    # ------------------------------------------------------------------------------------------
-    # groups and layers
-    # ------------------------------------------------------------------------------------------
+    # --- groups and layers ---
 
     def add_param_group(self, param_group: dict) -> None:
         """A group with "layers" (low-rank layers, or modules holding them) is stepped by DLRT; any other group
@@ -191,9 +189,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             if layer.step_inputs is not None:
                 layer.step_inputs.clear()
 
-    # ------------------------------------------------------------------------------------------
-    # the step
-    # ------------------------------------------------------------------------------------------
+    # --- the step ---
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -300,9 +296,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
                       "step is approximate. Rescalings (clip_grad_norm_, GradScaler.unscale_) are honoured exactly; "
                       "method='parallel' uses the gradients alone.", RuntimeWarning, stacklevel=3)
 
-    # ------------------------------------------------------------------------------------------
-    # bookkeeping
-    # ------------------------------------------------------------------------------------------
+    # --- bookkeeping ---
 
     def _take_up_settings(self) -> None:
         """Check the groups' settings, which a user or a scheduler may have changed since the last step (about 10 µs
@@ -382,41 +376,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self._set_up_for = {id(group): method for group, method in zip(self.low_rank_groups, state["_set_up_for"])
                             if method is not None}
 
-    # ------------------------------------------------------------------------------------------
-    # state_dict: torch's layout, with layers where torch has parameters (a rank change replaces the factors)
-    # ------------------------------------------------------------------------------------------
-
     def state_dict(self) -> dict:
-        index = {id(layer): i for i, layer in enumerate(self.layers)}
-        return {
-            "state": {index[id(layer)]: {part: dict(entries) for part, entries in state.items()}
-                      for layer, state in self.state.items() if id(layer) in index},
-            "param_groups": [{**{k: v for k, v in group.items() if k not in LOW_RANK_KEYS},
-                              "layers": [index[id(layer)] for layer in group["layers"]]}
-                             for group in self.low_rank_groups],
-            "dense": self.dense_optimizer.state_dict(),
-        }
+        return optim_state.saved(self.layers, self.state, self.low_rank_groups, self.dense_optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        layers = self.layers
-        saved_groups = state_dict["param_groups"]
-        if sum(len(g["layers"]) for g in saved_groups) != len(layers):
-            raise ValueError(f"the optimizer state holds {sum(len(g['layers']) for g in saved_groups)} low-rank "
-                             f"layers, this optimizer {len(layers)}")
-        groups = []
-        for saved in saved_groups:
-            group = {key: value for key, value in saved.items() if key != "layers"}
-            group["layers"] = [layers[i] for i in saved["layers"]]
-            group["params"] = factors(group["layers"])
-            for key, value in self.defaults.items():  # a state saved before a setting existed
-                group.setdefault(key, value)
-            group.setdefault(BASIS_CLOCK, 0)
-            groups.append(group)
-        self.state = defaultdict(dict)
-        for i, state in state_dict["state"].items():
-            layer = layers[int(i)]
-            self.state[layer] = {part: {name: value.to(layer.U.device) if isinstance(value, torch.Tensor) else value
-                                        for name, value in entries.items()} for part, entries in state.items()}
+        groups, self.state = optim_state.restored(state_dict, self.layers, self.defaults)
         self.dense_optimizer.load_state_dict(state_dict["dense"])
         # new group dicts on both sides: the list schedulers read is made of the dicts the steps now use; the
         # layers hold the saved run's factors, so they are set up for the saved methods already
