@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dlrt import DLRTOptimizer, low_rank_layers
+import dlrt.functional
 import dlrt.integrators
-import dlrt.linalg
 
 from helpers import QUICK, batch_for, python, seeded, small_mlp
 
@@ -53,31 +53,56 @@ def test_the_tail_defect_differs_from_the_paper_rule_where_the_last_value_counts
     assert with_defects.ranks_with_the_tail_defect([sigma], *settings).tolist() == [2]
 
 
-def test_the_rotation_defect_rotates_v_with_the_rows_of_q(monkeypatch):
-    """One rank-adaptive step with the patched SVDs: U as without the defect, V = V̂ Qh[:, :r1] (the first r1 rows
-    of Q) instead of V̂ Qh[:r1]ᵀ: orthonormal still, but the wrong basis for the truncated core."""
+def their_truncated_factors(U0, S0, V0, grad_K, grad_L, core_W, lr, r1):
+    """optimizer_KLS/dlrt_optimizer.py (COMPiLELab/DLRT-Net), transcribed: their bases qr([K1, U0]) and
+    qr([L1, V0]) (:47-48, :102-103), their core Ûᵀ Ŵ V̂ (the S-step's result, here read from the augmented W),
+    its SVD and the rotations of :223-225, V with the first r1 columns of v2 = Qᵀ."""
+    U_hat = torch.linalg.qr(torch.cat([U0 @ S0 - lr * grad_K, U0], dim=1)).Q
+    V_hat = torch.linalg.qr(torch.cat([V0 @ S0.T - lr * grad_L, V0], dim=1)).Q
+    u2, d, v2 = torch.linalg.svd(U_hat.T @ core_W @ V_hat)
+    return U_hat @ u2[:, :r1], torch.diag(d[:r1]), V_hat @ v2[:, :r1]
+
+
+def test_the_rotation_defect_is_their_rotation_in_their_bases(monkeypatch):
+    """One rank-adaptive step with the defect put in gives the factors their post-processing gives from the same
+    gradients and core; without it V is V̂ Q1 (the columns of Q), a different basis for the same U."""
     model = seeded(small_mlp)
     runs = {}
     for defect in (False, True):
         if defect:
-            monkeypatch.setattr(dlrt.linalg, "svds", with_defects.svds_with_the_rotation_defect)
+            monkeypatch.setattr(dlrt.functional._RankAdaptive, "finish", with_defects.finish_with_the_rotation_defect)
         copy_ = seeded(small_mlp)
         copy_.load_state_dict(model.state_dict())
         opt = DLRTOptimizer(copy_, lr=0.5, tau=0.0, r_max=4)  # ϑ = 0: each rank doubles, capped at 4
         x, y = batch_for(copy_)
         torch.nn.functional.cross_entropy(copy_(x), y).backward()
+        before = [(l.U.detach().clone(), l.S.detach().clone(), l.V.detach().clone(), l.U.grad.clone(),
+                   l.V.grad.clone()) for l in low_rank_layers(copy_)]
         plan = opt.prepare_step()
-        V_hats = [torch.cat([step.layer.V.detach(), step.new_bases[1]], dim=1) for step in plan.steps]
-        svds = [step.svd for step in plan.steps]
+        augmented_W = [torch.cat([s.U, s.new_bases[0]], 1) @ s.core @ torch.cat([s.V, s.new_bases[1]], 1).T
+                       for s in plan.steps]
         opt.finish_step(plan, plan.new_ranks.tolist())
-        runs[defect] = (low_rank_layers(copy_), V_hats, svds)
-    (correct, V_hats, svds), (defective, _, _) = runs[False], runs[True]
-    for ours, theirs, V_hat, (P, sigma, Qh) in zip(correct, defective, V_hats, svds):
-        r1 = ours.rank
-        torch.testing.assert_close(ours.U, theirs.U)
-        torch.testing.assert_close(ours.V, V_hat @ Qh[:r1].T)
-        torch.testing.assert_close(theirs.V, V_hat @ Qh[:, :r1])
-        assert not torch.allclose(ours.V, theirs.V)
+        runs[defect] = (low_rank_layers(copy_), before, augmented_W)
+    (correct, before, augmented_W), (defective, _, _) = runs[False], runs[True]
+    for ours, theirs, (U0, S0, V0, grad_K, grad_L), W_hat in zip(correct, defective, before, augmented_W):
+        U1, S1, V1 = their_truncated_factors(U0, S0, V0, grad_K, grad_L, W_hat, 0.5, theirs.rank)
+        torch.testing.assert_close(theirs.U, U1)
+        torch.testing.assert_close(theirs.S, S1)
+        torch.testing.assert_close(theirs.V, V1)
+        tail = torch.linalg.svdvals(W_hat)[ours.rank:].norm()  # the correct step: the best rank-r1 W
+        torch.testing.assert_close((W_hat - ours.dense_weight()).norm(), tail)
+        assert (theirs.dense_weight() - ours.dense_weight()).norm() > 1e-3 * ours.dense_weight().norm()
+
+
+def test_the_rotation_defect_refuses_what_their_code_cannot_do():
+    model = seeded(small_mlp)
+    opt = DLRTOptimizer(model, lr=0.5, tau=0.1, optimizer="sgd", momentum=0.9)
+    x, y = batch_for(model)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    plan = opt.prepare_step()
+    with pytest.raises(ValueError, match="plain SGD"):
+        with_defects.finish_with_the_rotation_defect(dlrt.functional.METHODS["adaptive"], plan,
+                                                     plan.new_ranks.tolist())
 
 
 def test_a_run_with_the_defects_trains_and_records(tmp_path):
