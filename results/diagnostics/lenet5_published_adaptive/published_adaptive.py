@@ -259,8 +259,11 @@ def summary(args) -> None:
                 acc, ranks = PAPER_LENET5[tau][:2]
                 print(f"| {tau:g} | {label} | 5 | {acc} | {ranks} (the best run, with the classifier's 10) |")
                 continue
+            if not rows:  # a variant never run is left out
+                continue
             mean, std = mean_std([acc for acc, _ in rows])
-            print(f"| {tau:g} | {label} | {len(rows)} | {mean:.2f} ± {std:.2f} | {'; '.join(r for _, r in rows)} |")
+            acc = f"{mean:.2f}" if len(rows) == 1 else f"{mean:.2f} ± {std:.2f}"
+            print(f"| {tau:g} | {label} | {len(rows)} | {acc} | {'; '.join(r for _, r in rows)} |")
 
 
 def main(argv: list[str] | None = None) -> None:
