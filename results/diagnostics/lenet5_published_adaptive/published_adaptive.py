@@ -181,12 +181,8 @@ def train(args) -> None:
     print(f"{folder}: epoch {best['epoch']} selected: test acc {best['test_acc']:.2f}, ranks [{best['ranks']}]")
 
 
-def same_start(args) -> None:
-    """Their model and dlrt's from the same factors, biases and classifier, on the same batches."""
-    Lenet5, dlr_opt = adaptive_code(args.repo, args.fix)
-    data = load_data(args.data, root=args.data_root, split="paper", seed=args.seed, subset=args.subset)
-    torch.manual_seed(args.seed)
-    theirs = Lenet5(device="cpu")
+def dlrt_at(theirs) -> torch.nn.Module:
+    """dlrt's LeNet5 at their model's current factors, biases and classifier."""
     ours = build_model("lenet5", (1, 28, 28), 10, rank=None, init="authors")
     with torch.no_grad():
         for i in LOW_RANK_LAYERS:
@@ -195,6 +191,16 @@ def same_start(args) -> None:
             ours[i].bias.copy_(layer.bias)
         ours[CLASSIFIER].weight.copy_(theirs.layer[CLASSIFIER].weight)
         ours[CLASSIFIER].bias.copy_(theirs.layer[CLASSIFIER].bias)
+    return ours
+
+
+def same_start(args) -> None:
+    """Their model and dlrt's from the same factors, biases and classifier, on the same batches."""
+    Lenet5, dlr_opt = adaptive_code(args.repo, args.fix)
+    data = load_data(args.data, root=args.data_root, split="paper", seed=args.seed, subset=args.subset)
+    torch.manual_seed(args.seed)
+    theirs = Lenet5(device="cpu")
+    ours = dlrt_at(theirs)
     their_optimizer = dlr_opt(theirs, tau=LR, theta=args.tau, KLS_optim=torch.optim.SGD)
     our_optimizer = DLRTOptimizer(ours, lr=LR, tau=args.tau, method="adaptive")
     print("step  loss (theirs)  loss (dlrt)  ranks (theirs)  ranks (dlrt)  "

@@ -30,20 +30,6 @@ from published_fixed_rank import CLASSIFIER, LOW_RANK_LAYERS, their_step  # noqa
 
 from dlrt import DLRTOptimizer  # noqa: E402
 from dlrt.experiments.data import load_data  # noqa: E402
-from dlrt.experiments.models import build_model  # noqa: E402
-
-
-def dlrt_at(theirs) -> torch.nn.Module:
-    """dlrt's LeNet5 at their model's current factors, biases and classifier."""
-    ours = build_model("lenet5", (1, 28, 28), 10, rank=None, init="authors")
-    with torch.no_grad():
-        for i in LOW_RANK_LAYERS:
-            layer, r = theirs.layer[i], theirs.layer[i].dynamic_rank
-            ours[i].set_factors(layer.U[:, :r].clone(), layer.S_hat[:r, :r].clone(), layer.V[:, :r].clone())
-            ours[i].bias.copy_(layer.bias)
-        ours[CLASSIFIER].weight.copy_(theirs.layer[CLASSIFIER].weight)
-        ours[CLASSIFIER].bias.copy_(theirs.layer[CLASSIFIER].bias)
-    return ours
 
 
 def set_theirs_to(theirs, ours) -> None:
@@ -71,14 +57,14 @@ def one_step(args) -> None:
     their_optimizer = dlr_opt(theirs, tau=published.LR, theta=args.tau, KLS_optim=torch.optim.SGD)
     x, y = data.train.x, data.train.y
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    ours = dlrt_at(theirs)
+    ours = published.dlrt_at(theirs)
     optimizer = DLRTOptimizer(ours, lr=published.LR, tau=args.tau, method="adaptive")
     print(f"step  ranks (theirs)  ranks (dlrt)  |W_dlrt - W_theirs| / |W_theirs| after one step from {args.along}'s "
           "state: conv1 conv2 fc1")
     for step in range(args.steps):
         batch = order[step * published.BATCH:(step + 1) * published.BATCH]
         if args.along == "theirs":
-            ours = dlrt_at(theirs)
+            ours = published.dlrt_at(theirs)
             optimizer = DLRTOptimizer(ours, lr=published.LR, tau=args.tau, method="adaptive")
         else:
             theirs = Lenet5(device="cpu")
