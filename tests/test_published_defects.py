@@ -65,7 +65,7 @@ def their_truncated_factors(U0, S0, V0, grad_K, grad_L, core_W, lr, r1):
 
 def test_the_rotation_defect_is_their_rotation_in_their_bases(monkeypatch):
     """One rank-adaptive step with the defect put in gives the factors their post-processing gives from the same
-    gradients and core; without it V is V̂ Q1 (the columns of Q), a different basis for the same U."""
+    gradients and core; without it the step keeps the best rank-r1 part of the augmented W, another W."""
     model = seeded(small_mlp)
     runs = {}
     for defect in (False, True):
