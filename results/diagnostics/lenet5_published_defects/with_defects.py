@@ -16,7 +16,8 @@ table and the paper's they explain (issue 24, item 3):
 The defects are put in by replacing two functions of dlrt for this process only (the library has no such option):
 `put_in_defects()`. Their LeNet5 trains with plain SGD, and so must this (its K- and L-steps read the gradients as
 they are). A run folder records its command as `python -m dlrt.experiments ...`: the folder's place says it ran
-with defects. `same_start_check.py` beside it runs their code and this from the same start on the same batches.
+with defects. `same_start_check.py` beside it runs their code and this from the same start on the same batches: it
+takes their step, but its runs blow up where theirs train (README), so they cannot stand for their code's runs.
 """
 
 import torch
@@ -40,7 +41,7 @@ def their_bases(step) -> tuple[torch.Tensor, torch.Tensor]:
     U_new, V_new = step.new_bases
     if U_new.shape[1] != U0.shape[1] or V_new.shape[1] != V0.shape[1]:
         raise ValueError(f"their step needs 2r directions; a layer of rank {U0.shape[1]} has only "
-                         f"{U0.shape[1] + U_new.shape[1]} (their code fails there too)")
+                         f"{U0.shape[1] + U_new.shape[1]}")
     ours_U, ours_V = torch.cat([U0, U_new], dim=1), torch.cat([V0, V_new], dim=1)
     theirs_U = torch.linalg.qr(torch.cat([K1, U0], dim=1)).Q
     theirs_V = torch.linalg.qr(torch.cat([L1, V0], dim=1)).Q
