@@ -34,3 +34,20 @@ def test_restarted_adam_keeps_no_moments_between_steps_and_one_global_count():
         for part in opt.state[layer].values():
             assert not part["exp_avg"].any() and not part["exp_avg_sq"].any()
             assert part["mass"].dim() == 0 and part["mass_sq"].dim() == 0
+
+
+def test_the_authors_fc_procedure_restarts_adam_only_in_its_rank_adaptive_phase():
+    """Their adaptive layers make new K, L, S variables every batch; their fixed-rank layers assign to the same ones,
+    so the fine-tuning's Adam keeps its moments in place (ERRATA finding 4): experiment=fc_mnist_authors."""
+    from dlrt.experiments.runtime import optimizer_settings, phases
+
+    from helpers import compose_config
+
+    cfg = compose_config(["experiment=fc_mnist_authors"])
+    (_, train_method, _), (_, finetune_method, _) = phases(cfg)
+    assert optimizer_settings(cfg, train_method)["state_policy"] == "restart"
+    assert optimizer_settings(cfg, finetune_method)["state_policy"] == "keep"
+    ours = compose_config(["experiment=fc_mnist"])  # unset: the fine-tuning takes the method's policy
+    assert optimizer_settings(ours, "fixed")["state_policy"] == optimizer_settings(ours, "adaptive")["state_policy"]
+    assert optimizer_settings(compose_config(["experiment=fc_mnist", "finetune.state_policy=reset"]),
+                              "fixed")["state_policy"] == "reset"

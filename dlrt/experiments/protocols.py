@@ -239,8 +239,9 @@ FC_AT_003 = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"tau": FC_TAUS[0]}, c
 # e2edense_sr350_v<ϑ>/historyLogs/history_001_.csv (each followed by 100 fine-tuning epochs, history_002_.csv)
 FC_AUTHORS_EPOCHS = {0.17: 250, 0.15: 250, 0.13: 250, 0.11: 244, 0.09: 188, 0.07: 122, 0.05: 71, 0.03: 32}
 FC_AUTHORS_PROTOCOL = TableProtocol(
-    "the authors' FC procedure: the FC protocol at width 500 with Adam restarting at every step (state_policy=restart, "
-    "Keras's eps 1e-7), each adaptive phase stopped at the epoch of their log",
+    "the authors' FC procedure: the FC protocol at width 500 with Adam restarting at every step of the rank-adaptive "
+    "phase (state_policy=restart) and keeping its moments in place in the fine-tuning (finetune.state_policy=keep), "
+    "Keras's eps 1e-7, each adaptive phase stopped at the epoch of their log",
     {key: value for key, value in FC.settings.items() if key != "epochs"},  # each ϑ's own: FC_AUTHORS_EPOCHS
     FC.settings_by_method, selection=FC.selection)
 FC_AUTHORS = tuple(Sweep("fc_mnist_authors", {}, {"tau": tau, "epochs": epochs}) for tau, epochs in FC_AUTHORS_EPOCHS.items())

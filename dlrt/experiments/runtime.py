@@ -126,6 +126,8 @@ def optimizer_settings(cfg: DictConfig, method: str) -> dict:
         settings["betas"] = tuple(settings["betas"])
     if method != cfg.method.name:
         settings["basis_every"] = 1  # a fine-tuning phase steps its bases at every batch
+        if cfg.finetune.get("state_policy") is not None:
+            settings["state_policy"] = str(cfg.finetune.state_policy)
     return dict(lr=cfg.lr, tau=cfg.tau, method=METHODS[method].steps_as if method in METHODS else method,
                 optimizer=str(cfg.optim.name), svd_on=str(cfg.svd_on), **settings,
                 checked_shortcuts=False if cfg.cuda_graphs else None)  # a graph cannot hold their host-side checks

@@ -187,6 +187,10 @@ class SchedulerSchema:
 class FinetuneSchema:
     method: FinetuneMethod = FinetuneMethod.fixed
     epochs: int = _recipe("finetune_epochs")  # type: ignore[assignment]
+    # the fine-tuning phase's optimizer state policy; null: method.state_policy (the authors' FC procedure restarts
+    # Adam only in its rank-adaptive phase: their fixed-rank layers keep their variables, configs/experiment/
+    # fc_mnist_authors.yaml)
+    state_policy: Optional[StatePolicy] = None
 
 
 @dataclass
@@ -244,15 +248,18 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def unused_keys(flat: dict) -> set[str]:
     """The keys of a flattened config that its run does not read: ϑ and the fine-tuning phase outside the
-    rank-adaptive methods (finetune.method when there are no fine-tuning epochs), the plateau scheduler's factor and
+    rank-adaptive methods (finetune.method and .state_policy when there are no fine-tuning epochs; .state_policy
+    also when null, the method's), the plateau scheduler's factor and
     patience without it, and model.init for the dense net. Every command may give them (`method=dense tau=0`); a run
     folder's config and name leave them out."""
     method = flat.get("method.name")
     unused = {"model.init"} if method == "dense" else set()
     if method not in RANK_ADAPTIVE:
-        unused |= {"tau", "finetune.method", "finetune.epochs"}
+        unused |= {"tau", "finetune.method", "finetune.epochs", "finetune.state_policy"}
     elif flat.get("finetune.epochs") == 0:
-        unused.add("finetune.method")
+        unused |= {"finetune.method", "finetune.state_policy"}
+    if flat.get("finetune.state_policy") is None:  # the method's: runs from before the key existed read the same
+        unused.add("finetune.state_policy")
     if flat.get("scheduler.name") == Scheduler.none:
         unused |= {"scheduler.factor", "scheduler.patience"}
     return unused & set(flat)
