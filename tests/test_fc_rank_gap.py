@@ -1,0 +1,44 @@
+"""rank_gap.py (results/diagnostics/fc_rank_gap): the FC ranks of ours, of the authors' procedure and of their logs
+beside the paper's. Their logs come from a clone of CSMMLab/DLRT-Net (not in CI); these tests feed it text."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "diagnostics" / "fc_rank_gap"))
+import rank_gap  # noqa: E402
+
+THEIR_LOG = """loss_train;acc_train;loss_val;acc_val;loss_test;acc_test;rank1;rank2;rank3;rank4
+1.04;0.6375;0.99;0.6537;1.00;0.6552;24;25;24;25
+0.50;0.8625;0.52;0.8414;0.52;0.8427;19;23;24;23
+"""
+
+
+def test_their_log_reads_as_our_epochs():
+    frame = rank_gap.read_log(THEIR_LOG)
+    assert list(frame["epoch"]) == [1, 2]
+    assert frame["test_acc"].tolist() == pytest.approx([65.52, 84.27])
+    assert rank_gap.ranks_of(rank_gap.end_of_adaptive(frame)) == [19, 23, 24, 23]
+
+
+def test_gaps_over_30_percent_are_marked():
+    assert rank_gap.ratios([13, 21, 31, 20], [20, 20, 24, 20]) == "**0.65** 1.05 1.29 1.00"
+    assert rank_gap.ratios([10, 27], [20, 20]) == "**0.50** **1.35**"
+
+
+def test_our_runs_are_read_at_the_end_of_the_adaptive_phase_not_after_the_fine_tuning():
+    epochs = pd.DataFrame({"epoch": [1, 2, 3], "phase": ["train", "train", "finetune"], "test_acc": [90.0, 95.0, 98.0],
+                           "rank_0": [30, 20, 20], "rank_1": [30, 21, 21], "rank_2": [30, 22, 22],
+                           "rank_3": [30, 23, 23]})
+    ranks, ratio, acc_then, acc_final = rank_gap.source_cells(epochs, [20, 21, 22, 46])
+    assert ranks == "[20, 21, 22, 23] (epoch 2)"
+    assert ratio == "1.00 1.00 1.00 **0.50**"
+    assert (acc_then, acc_final) == ("95.00", "98.00")
+    assert rank_gap.source_cells(None, [1, 1, 1, 1]) == ["–"] * 4
+
+
+def test_without_a_clone_it_says_what_to_pass(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        rank_gap.main(["--repo", str(tmp_path), "--runs", str(tmp_path), "--out", str(tmp_path)])
+    assert "clone github.com/CSMMLab/DLRT-Net" in str(stop.value)
