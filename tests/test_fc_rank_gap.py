@@ -42,3 +42,16 @@ def test_without_a_clone_it_says_what_to_pass(tmp_path):
     with pytest.raises(SystemExit) as stop:
         rank_gap.main(["--repo", str(tmp_path), "--runs", str(tmp_path), "--out", str(tmp_path)])
     assert "clone github.com/CSMMLab/DLRT-Net" in str(stop.value)
+
+
+def test_their_code_runs_are_told_apart_by_the_fix_and_read_only_when_finished(tmp_path):
+    for name, finished in (("fc500-published-tf-tau0.17-seed0", True), ("fc500-published-tf-tau0.17-seed0-fix-rotation", True),
+                           ("fc500-published-tf-tau0.13-seed0", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "epochs.csv").write_text("epoch,test_acc,rank_0,rank_1,rank_2,rank_3\n1,90.0,5,6,7,8\n")
+        if finished:
+            (folder / "summary.json").write_text("{}")
+    assert list(rank_gap.published_runs(tmp_path, fixed=False)) == [0.17]
+    assert list(rank_gap.published_runs(tmp_path, fixed=True)) == [0.17]
+    assert rank_gap.source_cells(rank_gap.published_runs(tmp_path, fixed=True)[0.17], [5, 6, 7, 8])[3] == "–"

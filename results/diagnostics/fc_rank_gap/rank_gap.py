@@ -1,6 +1,7 @@
-"""The FC rank gap (issue 24): where our FC ranks (width 500, the paper's protocol) differ from the paper's, do the
-authors' procedure (`experiment=fc_mnist_authors`: Adam whose moments restart at every basis change, their stopping
-epochs) and the authors' own logs land on the paper's?
+"""The FC rank gap (issue 24): where our FC ranks (width 500, the paper's protocol) differ from the paper's, what
+lands on the paper's: the authors' own logs, their TensorFlow code run on our data (as published, and with its V
+rotation fixed: results/diagnostics/fc_published_tf), or their optimizer alone (`experiment=fc_mnist_authors`:
+dlrt with Adam whose moments restart at every basis change, their stopping epochs)?
 
     python results/diagnostics/fc_rank_gap/rank_gap.py --runs results/runs --repo DLRT-Net-TF
 
@@ -8,10 +9,9 @@ epochs) and the authors' own logs land on the paper's?
 (illustration/paper_data/500Neurons/e2edense_sr350_v<ϑ>/historyLogs: history_001_.csv the rank-adaptive phase,
 history_002_.csv the fixed-rank fine-tuning, one row per epoch). Writes, beside this script (or to --out):
 
-    rank_gap.md               per ϑ: the final ranks of the rank-adaptive phase and the test accuracies, of the
-                              paper, their log, the authors' procedure and ours; per layer, ranks / the paper's
-    rank_trajectories.png     per ϑ and layer, the rank per epoch of the adaptive phase: their log, the authors'
-                              procedure, ours
+    rank_gap.md               per ϑ and source: the ranks at the end of the rank-adaptive phase (per layer also as
+                              a fraction of the paper's, in bold where more than 30 % off) and the test accuracies
+    rank_trajectories.png     per ϑ and layer, the rank per epoch of the adaptive phase, every source
 
 Only finished runs are read (a run folder with summary.json).
 """
@@ -69,6 +69,16 @@ def our_runs(runs_dir: Path, experiment: str) -> dict[float, pd.DataFrame]:
     return found
 
 
+def published_runs(folder: Path, fixed: bool) -> dict[float, pd.DataFrame]:
+    """ϑ -> epochs.csv of the finished seed-0 run of their TensorFlow code on our data (published_fc.py), as
+    published or with its V rotation fixed."""
+    found = {}
+    for summary in sorted(folder.glob("fc500-published-tf-tau*-seed0*/summary.json")):
+        if summary.parent.name.endswith("-fix-rotation") == fixed:
+            found[float(summary.parent.name.split("-tau")[1].split("-seed")[0])] = pd.read_csv(summary.parent / "epochs.csv")
+    return found
+
+
 def end_of_adaptive(epochs: pd.DataFrame) -> pd.Series:
     """The last epoch of the rank-adaptive phase (our epochs.csv: phase 'train'; their history_001: every row)."""
     if "phase" in epochs:
@@ -91,44 +101,51 @@ def ratios(ranks: list[int], paper: list[int]) -> str:
 
 def source_cells(epochs: pd.DataFrame | None, paper_ranks: list[int], final: pd.DataFrame | None = None) -> list[str]:
     """ranks at the end of the adaptive phase (its epoch), their ratio to the paper's, the test accuracy then, and
-    the final accuracy (after the fine-tuning: `final`'s last row, or the run's last epoch)."""
+    the final accuracy (after the fine-tuning: `final`'s last row, or the run's last epoch; "–" where the run had no
+    fine-tuning)."""
     if epochs is None:
         return ["–"] * 4
     end = end_of_adaptive(epochs)
     last = (final if final is not None else epochs).iloc[-1]
+    fine_tuned = final is not None or ("phase" in epochs and (epochs["phase"] != "train").any())
     ranks = ranks_of(end)
     return [f"{ranks} (epoch {int(end['epoch'])})", ratios(ranks, paper_ranks), f"{end['test_acc']:.2f}",
-            f"{last['test_acc']:.2f}"]
+            f"{last['test_acc']:.2f}" if fine_tuned else "–"]
 
 
-def summary_table(repo: str, runs_dir: Path) -> tuple[str, dict]:
-    """rank_gap.md's text, and per ϑ the rank trajectories drawn (source -> frame)."""
-    authors, ours = our_runs(runs_dir, "fc_mnist_authors"), our_runs(runs_dir, "fc_mnist")
-    header = ["ϑ", "paper: ranks, acc"]
-    for source in ("their log", "authors' procedure (dlrt)", "ours (dlrt)"):
-        header += [f"{source}: ranks at the adaptive phase's end", "/ paper's", "acc then", "acc final"]
+SOURCES = ("their log", "their code, our data", "their code, V rotation fixed", "authors' procedure (dlrt)", "ours (dlrt)")
+
+
+def summary_table(repo: str, runs_dir: Path, published: Path) -> tuple[str, dict]:
+    """rank_gap.md's text (a row per ϑ and source), and per ϑ the rank trajectories drawn (source -> frame)."""
+    runs = {"their code, our data": published_runs(published, fixed=False),
+            "their code, V rotation fixed": published_runs(published, fixed=True),
+            "authors' procedure (dlrt)": our_runs(runs_dir, "fc_mnist_authors"), "ours (dlrt)": our_runs(runs_dir, "fc_mnist")}
+    header = ["ϑ", "source", "ranks at the adaptive phase's end (epoch)", "/ the paper's", "test acc then",
+              "test acc final"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     trajectories = {}
     for tau in sorted(t for t in PAPER_FC[WIDTH] if t != "dense"):
         paper_acc, paper_text = PAPER_FC[WIDTH][tau]
         paper_ranks = parse_ranks(paper_text)
-        log = their_log(repo, tau, 1)
-        cells = [f"{tau:g}", f"{paper_ranks}, {paper_acc:.2f}"]
-        cells += source_cells(log, paper_ranks, their_log(repo, tau, 2))
-        cells += source_cells(authors.get(tau), paper_ranks)
-        cells += source_cells(ours.get(tau), paper_ranks)
-        lines.append("| " + " | ".join(cells) + " |")
-        trajectories[tau] = {"their log": log, "authors' procedure": authors.get(tau), "ours": ours.get(tau)}
+        sources = {"their log": their_log(repo, tau, 1), **{name: found.get(tau) for name, found in runs.items()}}
+        lines.append(f"| {tau:g} | paper | {paper_ranks} | | | {paper_acc:.2f} |")
+        for name, epochs in sources.items():
+            if epochs is not None:
+                final = their_log(repo, tau, 2) if name == "their log" else None
+                lines.append(f"| {tau:g} | {name} | " + " | ".join(source_cells(epochs, paper_ranks, final)) + " |")
+        trajectories[tau] = sources
     return "\n".join(lines) + "\n", trajectories
 
 
-STYLES = {"their log": ("k", "-"), "authors' procedure": ("tab:red", "--"), "ours": ("tab:blue", "-")}
+STYLES = {"their log": ("k", "-"), "their code, our data": ("tab:gray", "-"), "their code, V rotation fixed": ("tab:green", "-"),
+          "authors' procedure (dlrt)": ("tab:red", "--"), "ours (dlrt)": ("tab:blue", "-")}
 
 
 def plot(trajectories: dict, path: Path) -> bool:
     """Per ϑ that a run of ours or of the authors' procedure has, a row of four panels (the layers): rank per epoch
     of the adaptive phase. False when there is nothing to draw."""
-    rows = {tau: t for tau, t in trajectories.items() if t["ours"] is not None or t["authors' procedure"] is not None}
+    rows = {tau: t for tau, t in trajectories.items() if any(t[name] is not None for name in SOURCES[1:])}
     if not rows:
         return False
     figure, axes = plt.subplots(len(rows), len(RANK_COLUMNS), figsize=(16, 2.8 * len(rows)), squeeze=False)
@@ -160,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="the run folders' root")
     parser.add_argument("--repo", required=True, help="a clone or git directory of CSMMLab/DLRT-Net")
+    parser.add_argument("--published", type=Path, default=HERE.parent / "fc_published_tf",
+                        help="the run folders of published_fc.py (their TensorFlow code on our data)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     if subprocess.run(["git", "-C", args.repo, "cat-file", "-e", LOGS_COMMIT], capture_output=True).returncode:
         sys.exit(f"rank_gap.py: {args.repo} is not a git clone of CSMMLab/DLRT-Net holding commit {LOGS_COMMIT}: "
                  "clone github.com/CSMMLab/DLRT-Net and pass its path as --repo")
-    table, trajectories = summary_table(args.repo, args.runs)
+    table, trajectories = summary_table(args.repo, args.runs, args.published)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rank_gap.md").write_text(table)
     print(table)
