@@ -237,6 +237,49 @@ def train(args) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def spectrum(args) -> None:
+    """Their code for the first --steps batches, printing at the --at steps, per layer, what its rank adaption sees:
+    the rank r, the augmented core's singular values σ_1, σ_r (the smallest carried one), σ_r+1 (the largest new one),
+    the tolerance ϑ‖σ‖, and where the cut falls."""
+    import numpy as np
+
+    source = their_source(args.repo)
+    tf = import_tensorflow()
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    dlranet = import_dlranet(source)
+    adapt = fixed_rank_adaption if "rotation" in args.fix else dlranet.DLRALayerAdaptive.rank_adaption
+    seen = []
+
+    def watched(self):
+        sigma = tf.linalg.svd(self.s, compute_uv=False).numpy()
+        r = int(self.low_rank)
+        seen.append((r, sigma[0], sigma[r - 1], sigma[r], self.epsAdapt * np.linalg.norm(sigma)))
+        adapt(self)
+        seen[-1] += (int(self.low_rank),)
+
+    dlranet.DLRALayerAdaptive.rank_adaption = watched
+    data = np.load(args.data)
+    tf.random.set_seed(args.seed)
+    model = dlranet.DLRANetAdaptive(input_dim=784, output_dim=10, low_rank=START_RANK, dlra_layer_dim=WIDTH,
+                                    tol=args.tau, rmax_total=MAX_RANK)
+    optimizer = tf.keras.optimizers.legacy.Adam(learning_rate=LR)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    batches = tf.data.Dataset.from_tensor_slices((tf.cast(data["x_train"], tf.float32) / 255.0, data["y_train"]))
+    print(f"their code{' with the V rotation fixed' if args.fix else ''}, ϑ = {args.tau:g}, seed {args.seed}: per layer "
+          "the rank r before the cut, the core's σ_1, σ_r, σ_r+1, σ_r / σ_1, ϑ‖σ‖ and the rank after the cut")
+    epochs = batches.shuffle(buffer_size=SHUFFLE_BUFFER, seed=args.seed).batch(BATCH).repeat()  # reshuffled each pass
+    for step, (x, y) in enumerate(epochs, 1):
+        their_step(model, optimizer, loss_fn, x, y)
+        forget_dead_slots(optimizer, model)
+        if step in args.at:
+            for layer, (r, first, last_kept, first_new, tol, cut) in enumerate(seen[-4:], 1):
+                print(f"step {step:4d} layer {layer}: r {r:3d}  σ_1 {first:.3f}  σ_r {last_kept:.3f}  σ_r+1 {first_new:.4f}"
+                      f"  σ_r/σ_1 {last_kept / first:.2f}  ϑ‖σ‖ {tol:.3f}  -> rank {cut}", flush=True)
+        if step >= max(args.at):
+            break
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,8 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--fix", nargs="*", default=[], choices=["rotation"])
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    watch = commands.add_parser("spectrum", help="what their rank adaption sees in the first batches")
+    watch.add_argument("--repo", required=True)
+    watch.add_argument("--data", required=True)
+    watch.add_argument("--tau", type=float, required=True)
+    watch.add_argument("--seed", type=int, default=0)
+    watch.add_argument("--at", type=int, nargs="+", default=[1, 20, 60, 150, 1000])
+    watch.add_argument("--fix", nargs="*", default=[], choices=["rotation"])
+    watch.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    export_data(args) if args.command == "export-data" else train(args)
+    {"export-data": export_data, "train": train, "spectrum": spectrum}[args.command](args)
 
 
 if __name__ == "__main__":
