@@ -201,6 +201,11 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         "w→10 (its weight, and its gradient in training); the paper's FC table gives accuracies and ranks only, its "
         "counts here are computed from its ranks. The honest counts (dlrt.metrics) are what is stored: U, V and "
         "diag S, (n+m) r + r at evaluation, 3 (n+m) r + 6 r² in training; biases are never counted.",
+        "Where our ranks are more than 30 % from the paper's, results/ERRATA.md (finding 6) says why: the paper's are "
+        "those of the authors' code, whose kept spectra stay flat; results/diagnostics/fc_rank_gap/ compares every "
+        "layer with their logs, their code run on our data and the authors' procedure"
+        + (" (at width 500, where their logs are read and their code was run; the same script, which T@9bd6e9e has "
+           "at width 784, likely made these rows)." if 784 in set(frame["width"].dropna().astype(int)) else "."),
     ]
     at_003 = frame[(frame["tau"] == FC_AT_003.fixed["tau"]) & (frame["n_seeds"] > 0) & (frame["settings"].fillna("") == "")
                    & (frame["selection"] == FC.selection)]
@@ -208,8 +213,8 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         found.append(f"ϑ = {FC_AT_003.fixed['tau']} is not run at the protocol: {FC_AT_003.cost}. It is the last "
                      f"run that `dlrt-tables --missing` lists (`{FC_AT_003.command()}`).")
     if authors is not None and authors.completed:
-        found.append(f"The authors' procedure (Adam whose moments restart at every factor update; results/ERRATA.md, "
-                     f"finding 4): {len(authors.completed)} finished run(s) in `{authors.folder}/`, with "
+        found.append(f"The authors' procedure (width 500: Adam whose moments restart at every step of the rank-adaptive "
+                     f"phase and stay in place in the fine-tuning; results/ERRATA.md, finding 4): {len(authors.completed)} finished run(s) in `{authors.folder}/`, with "
                      + "; ".join(f"`{line}`" for line in command_lines(r.summary["command"] for r in authors.completed))
                      + ".")
     else:

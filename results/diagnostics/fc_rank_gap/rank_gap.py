@@ -163,12 +163,17 @@ def plot(trajectories: dict, path: Path) -> bool:
             ax.set_title(f"ϑ = {tau:g}, layer {layer + 1}", fontsize=9)
             ax.grid(alpha=0.3)
         axes_row[0].set_ylabel("rank")
-    axes[0][-1].legend(fontsize=7)
+    labels = {}  # every source drawn anywhere, once: the first row may lack some
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    figure.legend(labels.values(), labels.keys(), loc="lower center", ncol=len(labels), fontsize=8,
+                  bbox_to_anchor=(0.5, -0.01))
     for ax in axes[-1]:
         ax.set_xlabel("epoch of the rank-adaptive phase")
     figure.suptitle(f"FC {WIDTH} / MNIST: ranks during the rank-adaptive phase")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return True
 
