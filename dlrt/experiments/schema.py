@@ -249,9 +249,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def unused_keys(flat: dict) -> set[str]:
     """The keys of a flattened config that its run does not read: ϑ and the fine-tuning phase outside the
     rank-adaptive methods (finetune.method and .state_policy when there are no fine-tuning epochs; .state_policy
-    also when null, the method's), the plateau scheduler's factor and
-    patience without it, and model.init for the dense net. Every command may give them (`method=dense tau=0`); a run
-    folder's config and name leave them out."""
+    also when null, the method's), the plateau scheduler's factor and patience without it, and model.init for the
+    dense net. Every command may give them (`method=dense tau=0`); a run folder's config and name leave them out."""
     method = flat.get("method.name")
     unused = {"model.init"} if method == "dense" else set()
     if method not in RANK_ADAPTIVE:

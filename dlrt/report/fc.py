@@ -213,8 +213,9 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         found.append(f"ϑ = {FC_AT_003.fixed['tau']} is not run at the protocol: {FC_AT_003.cost}. It is the last "
                      f"run that `dlrt-tables --missing` lists (`{FC_AT_003.command()}`).")
     if authors is not None and authors.completed:
-        found.append(f"The authors' procedure (width 500: Adam whose moments restart at every step of the rank-adaptive "
-                     f"phase and stay in place in the fine-tuning; results/ERRATA.md, finding 4): {len(authors.completed)} finished run(s) in `{authors.folder}/`, with "
+        found.append("The authors' procedure (width 500: Adam whose moments restart at every step of the rank-adaptive "
+                     "phase and stay in place in the fine-tuning; results/ERRATA.md, finding 4): "
+                     f"{len(authors.completed)} finished run(s) in `{authors.folder}/`, with "
                      + "; ".join(f"`{line}`" for line in command_lines(r.summary["command"] for r in authors.completed))
                      + ".")
     else:

@@ -1,6 +1,6 @@
 """The authors' own rank-adaptive FC code (TensorFlow, github.com/CSMMLab/DLRT-Net at TF_COMMIT), run on our MNIST
-split: do their ranks come out of their code on our data, and which of its defects makes them (issue 24, the FC
-rank gap of results/ERRATA.md)?
+split: do their ranks come out of their code on our data, and why do they stop where they do (issue 24, the FC rank
+gap: results/ERRATA.md finding 6)?
 
 Their model, layers, K/L/S pre- and post-processing and rank adaption are imported unchanged from
 `tf_implementation/dlranet.py`; the training step is `mnist_DLRA.py:162-237` transcribed (`their_step`: three
@@ -15,7 +15,10 @@ seeded (theirs is not).
     # with a Python that has TensorFlow 2.15 (tensorflow-cpu==2.15.1; their requirements.txt says 2.8, which has no
     # wheel for Python 3.11; 2.15's tf.keras.optimizers.legacy.Adam is 2.8's Adam)
     python results/diagnostics/fc_published_tf/published_fc.py train --repo DLRT-Net-TF --data /tmp/mnist_standard.npz \
-        --tau 0.17 --epochs 100 [--fix rotation]
+        --tau 0.17 --epochs 80 [--fix rotation]
+    # what its rank adaption sees (σ_1, σ_r, σ_r+1, ϑ‖σ‖ per layer) at a few batches
+    python results/diagnostics/fc_published_tf/published_fc.py spectrum --repo DLRT-Net-TF --data /tmp/mnist_standard.npz \
+        --tau 0.17 [--fix rotation]
 
 --fix rotation: their rank_adaption with V rotated by the first r columns of the core's right singular vectors
 (theirs takes the first r rows of tf.linalg.svd's v, dlranet.py:545, the defect ERRATA finding 4 names), nothing else
