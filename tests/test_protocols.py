@@ -62,4 +62,4 @@ def test_each_imagenet_row_is_the_imagenet_experiment_with_its_model():
         row = OmegaConf.to_container(compose_config([f"experiment=imagenet_{model}"]), resolve=True)
         assert row == OmegaConf.to_container(compose_config(["experiment=imagenet", f"model={model}"]), resolve=True)
         assert (row["model"]["name"], row["tau"], row["epochs"], row["finetune"]) == (
-            model, 0.1, protocols.RECIPES[model].epochs, {"method": "s_only", "epochs": 100})
+            model, 0.1, protocols.RECIPES[model].epochs, {"method": "s_only", "epochs": 100, "state_policy": None})
