@@ -8,7 +8,9 @@ forward/backward passes, one Keras Adam applied three times per batch). Their sc
 `keras.datasets.mnist.load_data()` (a download) and fixes the width at 784; here the data come from an .npz that
 `export-data` writes from dlrt's loader (the standard split: official training images 0-49999 train, 50000-59999
 validation, the official test set), /255 as theirs, batched as theirs (`shuffle(buffer_size=1024).batch(256)`),
-seeded (theirs is not).
+the shuffle seeded (theirs is not). Their factors come from Keras initializers without a seed, which
+`tf.random.set_seed` does not pin here: two runs of the same command start from different draws (σ_1 of a layer's
+first core differs by about 3 %).
 
     # once, with the project's Python (torch): our split as arrays
     python results/diagnostics/fc_published_tf/published_fc.py export-data --out /tmp/mnist_standard.npz
@@ -180,30 +182,29 @@ def import_tensorflow():
     try:
         import tensorflow as tf
     except ImportError:
-        sys.exit("published_fc.py train: this Python has no TensorFlow: run it with one that has tensorflow-cpu==2.15.1 "
+        sys.exit("published_fc.py: this Python has no TensorFlow: run it with one that has tensorflow-cpu==2.15.1 "
                  "(python -m venv tfenv && tfenv/bin/pip install tensorflow-cpu==2.15.1)")
     return tf
 
 
-def train(args) -> None:
-    import numpy as np
-
+def load_their_code(args):
+    """TensorFlow on args.threads threads, and their dlranet module from args.repo."""
     source = their_source(args.repo)
     tf = import_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    dlranet = import_dlranet(source)
-    if "rotation" in args.fix:
-        dlranet.DLRALayerAdaptive.rank_adaption = fixed_rank_adaption
-    folder = Path(args.out) / run_name(args.tau, args.seed, args.fix)
-    if (folder / "summary.json").exists():
-        print(f"{folder}: finished already")
-        return
-    folder.mkdir(parents=True, exist_ok=True)
+    return tf, import_dlranet(source)
+
+
+def their_run(args, dlranet):
+    """Our data as their script prepares it (/255), and, drawn from args.seed, their model, Adam and loss and the
+    training batches as their script makes them: images, labels (per split), model, optimizer, loss_fn, batches."""
+    import numpy as np
+    import tensorflow as tf
+
     data = np.load(args.data)
     images = {split: tf.cast(data[f"x_{split}"], tf.float32) / 255.0 for split in ("train", "val", "test")}
     labels = {split: tf.constant(data[f"y_{split}"]) for split in ("train", "val", "test")}
-
     tf.random.set_seed(args.seed)
     model = dlranet.DLRANetAdaptive(input_dim=784, output_dim=10, low_rank=START_RANK, dlra_layer_dim=WIDTH,
                                     tol=args.tau, rmax_total=MAX_RANK)
@@ -211,6 +212,19 @@ def train(args) -> None:
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
     batches = tf.data.Dataset.from_tensor_slices((images["train"], labels["train"]))
     batches = batches.shuffle(buffer_size=SHUFFLE_BUFFER, seed=args.seed).batch(BATCH)
+    return images, labels, model, optimizer, loss_fn, batches
+
+
+def train(args) -> None:
+    tf, dlranet = load_their_code(args)
+    if "rotation" in args.fix:
+        dlranet.DLRALayerAdaptive.rank_adaption = fixed_rank_adaption
+    folder = Path(args.out) / run_name(args.tau, args.seed, args.fix)
+    if (folder / "summary.json").exists():
+        print(f"{folder}: finished already")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels, model, optimizer, loss_fn, batches = their_run(args, dlranet)
 
     with open(folder / "epochs.csv", "w") as log:
         log.write(",".join(COLUMNS) + "\n")
@@ -241,16 +255,12 @@ def train(args) -> None:
 
 
 def spectrum(args) -> None:
-    """Their code for the first --steps batches, printing at the --at steps, per layer, what its rank adaption sees:
-    the rank r, the augmented core's singular values σ_1, σ_r (the smallest carried one), σ_r+1 (the largest new one),
-    the tolerance ϑ‖σ‖, and where the cut falls."""
+    """Their code up to the last of the --at batches, printing at each of them, per layer, what its rank adaption
+    sees: the rank r, the augmented core's singular values σ_1, σ_r (the smallest carried one), σ_r+1 (the largest
+    new one), the tolerance ϑ‖σ‖, and where the cut falls."""
     import numpy as np
 
-    source = their_source(args.repo)
-    tf = import_tensorflow()
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    dlranet = import_dlranet(source)
+    tf, dlranet = load_their_code(args)
     adapt = fixed_rank_adaption if "rotation" in args.fix else dlranet.DLRALayerAdaptive.rank_adaption
     seen = []
 
@@ -262,17 +272,10 @@ def spectrum(args) -> None:
         seen[-1] += (int(self.low_rank),)
 
     dlranet.DLRALayerAdaptive.rank_adaption = watched
-    data = np.load(args.data)
-    tf.random.set_seed(args.seed)
-    model = dlranet.DLRANetAdaptive(input_dim=784, output_dim=10, low_rank=START_RANK, dlra_layer_dim=WIDTH,
-                                    tol=args.tau, rmax_total=MAX_RANK)
-    optimizer = tf.keras.optimizers.legacy.Adam(learning_rate=LR)
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
-    batches = tf.data.Dataset.from_tensor_slices((tf.cast(data["x_train"], tf.float32) / 255.0, data["y_train"]))
+    _, _, model, optimizer, loss_fn, batches = their_run(args, dlranet)
     print(f"their code{' with the V rotation fixed' if args.fix else ''}, ϑ = {args.tau:g}, seed {args.seed}: per layer "
           "the rank r before the cut, the core's σ_1, σ_r, σ_r+1, σ_r / σ_1, ϑ‖σ‖ and the rank after the cut")
-    epochs = batches.shuffle(buffer_size=SHUFFLE_BUFFER, seed=args.seed).batch(BATCH).repeat()  # reshuffled each pass
-    for step, (x, y) in enumerate(epochs, 1):
+    for step, (x, y) in enumerate(batches.repeat(), 1):  # reshuffled each pass
         their_step(model, optimizer, loss_fn, x, y)
         forget_dead_slots(optimizer, model)
         if step in args.at:
