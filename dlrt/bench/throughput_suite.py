@@ -124,9 +124,8 @@ def worker(rank: int, args, device_type: str, world_size: int, root: Path, store
         rows.append({"phase": "train", "precision": precision, "images": seen, "seconds": seconds})
     if rank == 0:
         torch.save(rows, results / f"p{world_size}.pt")
+    dist.barrier()  # no process leaves the group while another still uses it (gloo can abort the one left behind)
     dist.destroy_process_group()
-
-
 
 
 def add_arguments(parser) -> None:

@@ -44,6 +44,14 @@ class Workers:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def close(self) -> None:
+        """Leave the process group once every worker is done with it. A gloo group left to the interpreter's exit
+        can abort a worker ("terminate called without an active exception") while a peer still tears down; called
+        after a run ends well only (after an error a barrier could wait for a worker that is gone)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 def init_workers(device: torch.device) -> Workers:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs). torchrun's environment

@@ -145,6 +145,7 @@ def train(cfg: DictConfig, folder: RunFolder) -> dict:
     summary = _summary(cfg, rows, best, device, workers, data, time.time() - started)
     if workers.is_main:
         folder.write_summary(summary)
+    workers.close()
     return summary
 
 
