@@ -31,11 +31,12 @@ def test_our_runs_are_read_at_the_end_of_the_adaptive_phase_not_after_the_fine_t
     epochs = pd.DataFrame({"epoch": [1, 2, 3], "phase": ["train", "train", "finetune"], "test_acc": [90.0, 95.0, 98.0],
                            "rank_0": [30, 20, 20], "rank_1": [30, 21, 21], "rank_2": [30, 22, 22],
                            "rank_3": [30, 23, 23]})
-    ranks, ratio, acc_then, acc_final = rank_gap.source_cells(epochs, [20, 21, 22, 46])
+    ranks, ratio, flat, acc_then, acc_final = rank_gap.source_cells(epochs, [20, 21, 22, 46], 0.1)
     assert ranks == "[20, 21, 22, 23] (epoch 2)"
     assert ratio == "1.00 1.00 1.00 **0.50**"
+    assert flat == "0.45 0.46 0.47 0.48"  # ϑ√r
     assert (acc_then, acc_final) == ("95.00", "98.00")
-    assert rank_gap.source_cells(None, [1, 1, 1, 1]) == ["–"] * 4
+    assert rank_gap.source_cells(None, [1, 1, 1, 1], 0.1) == ["–"] * 5
 
 
 def test_without_a_clone_it_says_what_to_pass(tmp_path):
@@ -54,4 +55,33 @@ def test_their_code_runs_are_told_apart_by_the_fix_and_read_only_when_finished(t
             (folder / "summary.json").write_text("{}")
     assert list(rank_gap.published_runs(tmp_path, fixed=False)) == [0.17]
     assert list(rank_gap.published_runs(tmp_path, fixed=True)) == [0.17]
-    assert rank_gap.source_cells(rank_gap.published_runs(tmp_path, fixed=True)[0.17], [5, 6, 7, 8])[3] == "–"
+    assert rank_gap.source_cells(rank_gap.published_runs(tmp_path, fixed=True)[0.17], [5, 6, 7, 8], 0.17)[4] == "–"
+
+
+def test_the_spectrum_probe_records_what_the_truncation_decided_from():
+    """spectrum_dlrt.recorded_cuts sees each step's augmented spectra and the ranks the layers then hold, and each
+    rank is the rule's: the smallest r whose tail (σ_r+1, ...) is within ϑ‖σ‖."""
+    import torch
+    import torch.nn.functional as F
+
+    import spectrum_dlrt
+    from dlrt import DLRTOptimizer, LowRankLinear, integrators
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(20, 32, rank=6), torch.nn.ReLU(), LowRankLinear(32, 24, rank=5))
+    optimizer = DLRTOptimizer(model, lr=0.1, tau=0.2)
+    x, y = torch.randn(32, 20), torch.randint(0, 24, (32,))
+    rule = integrators.truncation_rank_tensor
+    with spectrum_dlrt.recorded_cuts() as cut:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert integrators.truncation_rank_tensor is rule  # put back
+    assert cut["ranks"] == [model[0].rank, model[2].rank]
+    for sigma, r in zip(cut["sigmas"], cut["ranks"]):
+        bound = 0.2 * sigma.norm()
+        assert sigma[r:].norm() <= bound and (r <= 2 or sigma[r - 1:].norm() > bound)  # 2: the optimizer's r_min
+        assert sigma.numel() > r  # the augmented core, before the cut
+    line = spectrum_dlrt.cut_line(7, 0, torch.tensor([2.0, 1.0, 0.5]), 2, 0.1)
+    assert line.startswith("step    7 layer 1: p   3  σ_1 2.000  σ_r 1.000  σ_r+1 0.5000  σ_r/σ_1 0.50")
+    assert "σ_r/σ_rms 0.63" in line and line.endswith("-> rank 2")

@@ -257,7 +257,8 @@ def train(args) -> None:
 def spectrum(args) -> None:
     """Their code up to the last of the --at batches, printing at each of them, per layer, what its rank adaption
     sees: the rank r, the augmented core's singular values σ_1, σ_r (the smallest carried one), σ_r+1 (the largest
-    new one), the tolerance ϑ‖σ‖, and where the cut falls."""
+    new one), how flat the carried ones are (σ_r over their root mean square), the tolerance ϑ‖σ‖, and where the cut
+    falls."""
     import numpy as np
 
     tf, dlranet = load_their_code(args)
@@ -267,21 +268,24 @@ def spectrum(args) -> None:
     def watched(self):
         sigma = tf.linalg.svd(self.s, compute_uv=False).numpy()
         r = int(self.low_rank)
-        seen.append((r, sigma[0], sigma[r - 1], sigma[r], self.epsAdapt * np.linalg.norm(sigma)))
+        rms = np.sqrt(np.mean(np.square(sigma[:r])))
+        seen.append((r, sigma[0], sigma[r - 1], sigma[r], rms, self.epsAdapt * np.linalg.norm(sigma)))
         adapt(self)
         seen[-1] += (int(self.low_rank),)
 
     dlranet.DLRALayerAdaptive.rank_adaption = watched
     _, _, model, optimizer, loss_fn, batches = their_run(args, dlranet)
     print(f"their code{' with the V rotation fixed' if args.fix else ''}, ϑ = {args.tau:g}, seed {args.seed}: per layer "
-          "the rank r before the cut, the core's σ_1, σ_r, σ_r+1, σ_r / σ_1, ϑ‖σ‖ and the rank after the cut")
+          "the rank r before the cut, the core's σ_1, σ_r, σ_r+1, σ_r / σ_1, σ_r / rms(σ_1..σ_r), ϑ‖σ‖ and the rank "
+          "after the cut")
     for step, (x, y) in enumerate(batches.repeat(), 1):  # reshuffled each pass
         their_step(model, optimizer, loss_fn, x, y)
         forget_dead_slots(optimizer, model)
         if step in args.at:
-            for layer, (r, first, last_kept, first_new, tol, cut) in enumerate(seen[-4:], 1):
+            for layer, (r, first, last_kept, first_new, rms, tol, cut) in enumerate(seen[-4:], 1):
                 print(f"step {step:4d} layer {layer}: r {r:3d}  σ_1 {first:.3f}  σ_r {last_kept:.3f}  σ_r+1 {first_new:.4f}"
-                      f"  σ_r/σ_1 {last_kept / first:.2f}  ϑ‖σ‖ {tol:.3f}  -> rank {cut}", flush=True)
+                      f"  σ_r/σ_1 {last_kept / first:.2f}  σ_r/σ_rms {last_kept / rms:.2f}  ϑ‖σ‖ {tol:.3f}  -> rank {cut}",
+                      flush=True)
         if step >= max(args.at):
             break
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -99,17 +100,25 @@ def ratios(ranks: list[int], paper: list[int]) -> str:
     return " ".join(cells)
 
 
-def source_cells(epochs: pd.DataFrame | None, paper_ranks: list[int], final: pd.DataFrame | None = None) -> list[str]:
-    """ranks at the end of the adaptive phase (its epoch), their ratio to the paper's, the test accuracy then, and
-    the final accuracy (after the fine-tuning: `final`'s last row, or the run's last epoch; "–" where the run had no
-    fine-tuning)."""
+def flatness(ranks: list[int], tau: float) -> str:
+    """Per layer ϑ√r: how flat a kept spectrum a rank r at ϑ implies. The added directions' singular values are a
+    small fraction of the kept ones (spectrum_*.txt), so a cut keeps σ_r while σ_r ≳ ϑ‖σ‖ = ϑ √r σ_rms: at the rank
+    where the cuts settle, σ_r / σ_rms (1 for a flat kept spectrum, less for a steeper one) is about ϑ√r."""
+    return " ".join(f"{tau * math.sqrt(rank):.2f}" for rank in ranks)
+
+
+def source_cells(epochs: pd.DataFrame | None, paper_ranks: list[int], tau: float,
+                 final: pd.DataFrame | None = None) -> list[str]:
+    """ranks at the end of the adaptive phase (its epoch), their ratio to the paper's, ϑ√r, the test accuracy then,
+    and the final accuracy (after the fine-tuning: `final`'s last row, or the run's last epoch; "–" where the run had
+    no fine-tuning)."""
     if epochs is None:
-        return ["–"] * 4
+        return ["–"] * 5
     end = end_of_adaptive(epochs)
     last = (final if final is not None else epochs).iloc[-1]
     fine_tuned = final is not None or ("phase" in epochs and (epochs["phase"] != "train").any())
     ranks = ranks_of(end)
-    return [f"{ranks} (epoch {int(end['epoch'])})", ratios(ranks, paper_ranks), f"{end['test_acc']:.2f}",
+    return [f"{ranks} (epoch {int(end['epoch'])})", ratios(ranks, paper_ranks), flatness(ranks, tau), f"{end['test_acc']:.2f}",
             f"{last['test_acc']:.2f}" if fine_tuned else "–"]
 
 
@@ -121,7 +130,7 @@ def summary_table(repo: str, runs_dir: Path, published: Path) -> tuple[str, dict
     runs = {"their code, our data": published_runs(published, fixed=False),
             "their code, V rotation fixed": published_runs(published, fixed=True),
             "authors' procedure (dlrt)": our_runs(runs_dir, "fc_mnist_authors"), "ours (dlrt)": our_runs(runs_dir, "fc_mnist")}
-    header = ["ϑ", "source", "ranks at the adaptive phase's end (epoch)", "/ the paper's", "test acc then",
+    header = ["ϑ", "source", "ranks at the adaptive phase's end (epoch)", "/ the paper's", "ϑ√r", "test acc then",
               "test acc final"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     trajectories = {}
@@ -129,11 +138,11 @@ def summary_table(repo: str, runs_dir: Path, published: Path) -> tuple[str, dict
         paper_acc, paper_text = PAPER_FC[WIDTH][tau]
         paper_ranks = parse_ranks(paper_text)
         sources = {"their log": their_log(repo, tau, 1), **{name: found.get(tau) for name, found in runs.items()}}
-        lines.append(f"| {tau:g} | paper | {paper_ranks} | | | {paper_acc:.2f} |")
+        lines.append(f"| {tau:g} | paper | {paper_ranks} | | {flatness(paper_ranks, tau)} | | {paper_acc:.2f} |")
         for name, epochs in sources.items():
             if epochs is not None:
                 final = their_log(repo, tau, 2) if name == "their log" else None
-                lines.append(f"| {tau:g} | {name} | " + " | ".join(source_cells(epochs, paper_ranks, final)) + " |")
+                lines.append(f"| {tau:g} | {name} | " + " | ".join(source_cells(epochs, paper_ranks, tau, final)) + " |")
         trajectories[tau] = sources
     return "\n".join(lines) + "\n", trajectories
 
