@@ -293,9 +293,10 @@ def test_dlrt_vs_uv_accuracy_per_epoch(made):
     md = (made / "tables" / "dlrt_vs_uv.md").read_text()
     assert "| 10^-k | U V^T | 2 | 82.50 ± 0.71 | 86.2 |" in md and "| 2^-k | DLRT | 0 | not run | 97.3 |" in md
     assert "FEWER runs than the paper's 10 per row" in md
-    # and why: CPU time, at what one run cost (3 epochs of 2.0 s in these records), and where the others are listed
-    assert "the others are not run yet, for CPU time (a run took 6 s of training here on average); " \
-           "`dlrt-tables --runs results/runs --missing` lists them" in md
+    # what one run cost (3 epochs of 2.0 s in these records), and where the runs still planned are listed
+    assert "(a run took 6 s of training here on average; `dlrt-tables --runs results/runs --missing` lists the runs " \
+           "the tables' sweeps plan and lack)" in md
+    assert "Seeds: this table's sweep (protocols.SWEEPS) runs 5 per curve; the curves run so far have 2." in md
 
 
 def test_plots_are_png_files(made):

@@ -201,10 +201,11 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         "w→10 (its weight, and its gradient in training); the paper's FC table gives accuracies and ranks only, its "
         "counts here are computed from its ranks. The honest counts (dlrt.metrics) are what is stored: U, V and "
         "diag S, (n+m) r + r at evaluation, 3 (n+m) r + 6 r² in training; biases are never counted.",
-        "Where our ranks are more than 30 % below the paper's (layers 2-4 at large ϑ), results/ERRATA.md (finding 6) "
-        "says why: the paper's are those of the authors' code, whose kept spectra stay flat; where ours are above "
-        "(small ϑ) it is not explained yet. results/diagnostics/fc_rank_gap/ compares every layer with their logs, "
-        "their code run on our data and the authors' procedure"
+        "Where our ranks are more than 30 % from the paper's, results/ERRATA.md (finding 6) says why: the paper's are "
+        "those of the authors' code, whose random start holds layers 2-4 up (ours below at large ϑ) and whose "
+        "restarted Adam and V rotation bring ranks down (ours above at small ϑ), each shown by a run. "
+        "results/diagnostics/fc_rank_gap/ compares every layer with their logs, their code run on our data and the "
+        "authors' procedure"
         + (" (at width 500, where their logs are read and their code was run; the same script, which T@9bd6e9e has "
            "at width 784, likely made these rows)." if 784 in set(frame["width"].dropna().astype(int)) else "."),
     ]

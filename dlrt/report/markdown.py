@@ -190,18 +190,17 @@ def protocol_departures(completed: list[Run], protocol: TableProtocol, rows: lis
         short = [r for r in rows if 0 < r["n_seeds"] < protocol.runs_per_row]
         if short:
             lines.append(f"FEWER runs than the paper's {protocol.runs_per_row} per row: " +
-                         ", ".join(f"{row_label(r)} ({r['n_seeds']})" for r in short) + f"; {why_not_run(completed)}")
+                         ", ".join(f"{row_label(r)} ({r['n_seeds']})" for r in short) + f" ({run_cost(completed)})")
     not_run = [row_label(r) for r in rows if not r["n_seeds"]]
     if not_run:
         lines.append("paper rows not run (no finished run): " + ", ".join(not_run))
     return lines
 
 
-def why_not_run(completed: list[Run]) -> str:
-    """Why a row has fewer runs than the paper: they wait for CPU time (what one of them costs, from the records)
-    and where their commands are."""
+def run_cost(completed: list[Run]) -> str:
+    """What one run of the table cost (from the records), and where the runs still planned are listed."""
     seconds = [r.epochs["epoch_time_s"].sum() for r in completed if "epoch_time_s" in r.epochs]
     mean = sum(seconds) / max(len(seconds), 1)
     took = f"{mean / 60:.0f} min" if mean >= 60 else f"{mean:.0f} s"
-    cost = f" (a run took {took} of training here on average)" if seconds else ""
-    return f"the others are not run yet, for CPU time{cost}; `dlrt-tables --runs results/runs --missing` lists them"
+    cost = f"a run took {took} of training here on average; " if seconds else ""
+    return f"{cost}`dlrt-tables --runs results/runs --missing` lists the runs the tables' sweeps plan and lack"

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 
 from dlrt.experiments.protocols import (EXPERIMENTS, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD,
-                                        SPECTRUM_LABELS)
+                                        SPECTRUM_LABELS, UV_AUTHORS, UV_OURS)
 
 from .archive import fill_from_archive
 from .markdown import Table, acc_cell, decimal, markdown_table, render, runs_cell, uv_method_label
@@ -106,5 +106,13 @@ def tables(experiment: Experiment, archive=None) -> list[Table]:
              "over seeds, in %. The paper's per-epoch numbers are the mean ± sample std of the authors' 10 published "
              "runs per curve (COMPiLELab/DLRT-Net, UV_vanilla/results_vanilla/); their final means are the paper's "
              "numbers."]
+    planned = len({UV_AUTHORS.experiment: UV_AUTHORS, UV_OURS.experiment: UV_OURS}[name].grid["seed"])
+    finished = [int(r["n_seeds"]) for r in frame.to_dict("records") if r["n_seeds"] and pd.isna(r.get("source"))]
+    if finished and min(finished) < planned:
+        have = f"{min(finished)}" + ("" if min(finished) == max(finished) else f"-{max(finished)}")
+        notes.append(f"Seeds: this table's sweep (protocols.SWEEPS) runs {planned} per curve; the curves run so far "
+                     f"have {have}. The others are not run yet for want of CPU time (the header says what one run "
+                     "cost here); they are queued with every run the tables lack (`dlrt-tables --runs results/runs "
+                     "--missing`).")
     title = f"DLRT against plain U V^T training, {setup}: LeNet5 at rank 20 on MNIST, three initial spectra"
     return [Table(name, frame, render(title, experiment, protocol, frame, sections, notes, archived=archived))]
