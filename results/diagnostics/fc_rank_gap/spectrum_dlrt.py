@@ -1,5 +1,5 @@
 """What dlrt's rank adaption sees in the FC runs (issue 24, ERRATA finding 6): per layer, at a few batches of the
-rank-adaptive phase, the augmented core's spectrum and where the next cut falls, in the format of their code's probe
+rank-adaptive phase, the augmented core's spectrum and the rank its cut keeps, in the format of their code's probe
 (`../fc_published_tf/published_fc.py spectrum`), so that both can be read side by side.
 
     python results/diagnostics/fc_rank_gap/spectrum_dlrt.py --tau 0.07 [--experiment fc_mnist_authors] [--at 1 20 ...]
