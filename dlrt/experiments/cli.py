@@ -75,18 +75,24 @@ def register() -> None:
                                                         "template": HELP})
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config these overrides compose to, as dlrt-run builds it (unresolved)."""
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def app_help(overrides: list[str]) -> str:
     """HELP with the groups and the resolved config of these overrides (Hydra's own --help shows the recipe values
     as unresolved interpolations)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    register()
     groups = "\n".join(f"{folder.name}: {', '.join(sorted(p.stem for p in folder.glob('*.yaml')))}"
                        for folder in sorted(CONFIG_DIR.iterdir()) if folder.is_dir())
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            config = OmegaConf.to_yaml(compose("config", overrides=overrides), resolve=True)
+        config = OmegaConf.to_yaml(compose_config(overrides), resolve=True)
     except Exception as e:  # a bad override: say so where the config would be
         config = f"(not composed: {_composition_message(e)})\n"
     return HELP.replace("$APP_CONFIG_GROUPS", groups + "\n").replace("$CONFIG", config)

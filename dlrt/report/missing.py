@@ -67,14 +67,9 @@ def _is_group(key: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _composed(groups: tuple[tuple[str, str], ...]) -> dict:
-    from hydra import compose, initialize_config_dir
+    from dlrt.experiments.cli import compose_config
 
-    from dlrt.experiments.cli import register
-    from dlrt.experiments.schema import CONFIG_DIR
-
-    register()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"{key}={value}" for key, value in groups])
+    cfg = compose_config([f"{key}={value}" for key, value in groups])
     return flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 

@@ -114,17 +114,13 @@ def settings_labels(runs: list[Run], grouped_by: tuple[str, ...] = ()) -> dict[s
 @functools.lru_cache(maxsize=None)
 def method_defaults(method: str) -> dict:
     """The method group's keys and their defaults today ({} for a method that is no config option of ours)."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from dlrt.experiments.cli import register
-    from dlrt.experiments.schema import CONFIG_DIR
+    from dlrt.experiments.cli import compose_config
 
-    register()
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            node = compose("config", overrides=[f"method={method}"]).method
+        node = compose_config([f"method={method}"]).method
     except HydraException:
         return {}
     return flatten(OmegaConf.to_container(node, resolve=True), "method.")

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 
 from dlrt.experiments.protocols import (EXPERIMENTS, PAPER_DLRT_VS_UV, PAPER_DLRT_VS_UV_MEAN, PAPER_DLRT_VS_UV_STD,
-                                        SPECTRUM_LABELS, UV_AUTHORS, UV_OURS)
+                                        SPECTRUM_LABELS)
 
 from .archive import fill_from_archive
 from .markdown import Table, acc_cell, decimal, markdown_table, render, runs_cell, uv_method_label
@@ -106,7 +106,7 @@ def tables(experiment: Experiment, archive=None) -> list[Table]:
              "over seeds, in %. The paper's per-epoch numbers are the mean ± sample std of the authors' 10 published "
              "runs per curve (COMPiLELab/DLRT-Net, UV_vanilla/results_vanilla/); their final means are the paper's "
              "numbers."]
-    planned = len({UV_AUTHORS.experiment: UV_AUTHORS, UV_OURS.experiment: UV_OURS}[name].grid["seed"])
+    planned = len(EXPERIMENTS[name][1].grid["seed"])  # the table's sweep
     finished = [int(r["n_seeds"]) for r in frame.to_dict("records") if r["n_seeds"] and pd.isna(r.get("source"))]
     if finished and min(finished) < planned:
         have = f"{min(finished)}" + ("" if min(finished) == max(finished) else f"-{max(finished)}")

@@ -22,17 +22,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def compose(experiment: str, tau: float):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from dlrt.experiments.cli import CONFIG_DIR, register
-
-    register()  # the resolvers the configs use (dlrt.protocol)
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", f"tau={tau}", "threads=1"])
-
-
 def cut_line(step: int, index: int, sigma: torch.Tensor, r: int, tau: float) -> str:
     """One layer's cut: the augmented core's size p, σ_1, the rank r kept, σ_r, σ_r+1, σ_r / σ_1, how flat the
     kept part is (σ_r over the root mean square of σ_1..σ_r) and ϑ‖σ‖."""
@@ -74,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch.nn.functional as F
 
+    from dlrt.experiments.cli import compose_config
     from dlrt.experiments.data import load_device_data
     from dlrt.experiments.runtime import Workers, configure_cpu, make_model, make_optimizer
 
-    cfg = compose(args.experiment, args.tau)
+    cfg = compose_config([f"experiment={args.experiment}", f"tau={args.tau}", "threads=1"])
     configure_cpu(cfg)
     torch.manual_seed(cfg.seed)  # as train.train: the model's draw, then the batches' generator
     device = torch.device("cpu")
