@@ -281,6 +281,20 @@ def test_fc_authors_procedure_beside_ours(tmp_path):
     assert "| 98.40 (1 run) | [30,30,30,30] |" in md and "`dlrt-run experiment=fc_mnist_authors`" in md
 
 
+def test_fc_authors_procedure_shows_where_ours_is_not_run(tmp_path):
+    write_run(tmp_path, "fc_mnist_authors", "fc-mnist-adaptive-tau0.05-seed0_model.width=500",
+              config("fc", "adaptive", 0.05, 0, 2, width=500, selection="final"),
+              [(0.1, 97.0, [90, 90, 90, 90]), (0.2, 98.3, [80, 80, 80, 80])],
+              shapes=FC500_SHAPES, dense_shapes=FC500_DENSE, command="dlrt-run experiment=fc_mnist_authors")
+    write_run(tmp_path, "fc_mnist", "fc-mnist-adaptive-tau0.09-seed0_model.width=500",
+              config("fc", "adaptive", 0.09, 0, 2, width=500, selection="final"),
+              [(0.1, 97.0, [50, 50, 50, 50]), (0.2, 98.0, [40, 40, 40, 40])],
+              shapes=FC500_SHAPES, dense_shapes=FC500_DENSE, command="dlrt-run experiment=fc_mnist")
+    main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--experiments", "fc_mnist"])
+    md = (tmp_path / "out" / "tables" / "fc500_mnist.md").read_text()
+    assert "| 0.05 | 98.56 | not run | – | [81,104,111,117] | – | 61.6 % | – | 98.30 (1 run) | [80,80,80,80] |" in md
+
+
 def test_dlrt_vs_uv_accuracy_per_epoch(made):
     frame = table(made, "dlrt_vs_uv")
     assert list(zip(frame["spectrum"], frame["method"])) == [

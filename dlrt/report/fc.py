@@ -166,6 +166,13 @@ def ours_for(records: list[dict], method: str, tau) -> dict:
     return candidates[0] if candidates else {}
 
 
+def authors_for(records: list[dict], method: str, tau) -> dict:
+    """The record of a paper row that carries the authors' procedure (with_authors puts it on the protocol's row,
+    which may have no run of ours while an archived row stands in for it)."""
+    return next((r for r in records if r["method"] == method and (tau is None or r["tau"] == tau)
+                 and not is_missing(r.get("authors_n_seeds")) and r.get("authors_n_seeds")), {})
+
+
 def side_by_side(frame: pd.DataFrame, width: int) -> str:
     """Per paper row: the paper, ours at the protocol (each run's final epoch, the adaptive phase's last ranks), the
     authors' procedure."""
@@ -174,6 +181,7 @@ def side_by_side(frame: pd.DataFrame, width: int) -> str:
     for key in PAPER_FC.get(width, {}):
         method, tau = ("dense", None) if key == "dense" else ("adaptive", key)
         ours, paper = ours_for(records, method, tau), paper_columns(width, key)
+        authors = authors_for(records, method, tau)
         acc = acc_cell("final_test_acc")(ours) if ours else "not run"
         if not ours and tau == FC_AT_003.fixed["tau"]:
             acc = "not run (cost: see the notes)"
@@ -181,8 +189,8 @@ def side_by_side(frame: pd.DataFrame, width: int) -> str:
         cr = fc_counts(width, ranks)["cr_eval_fc"] if ours and isinstance(ranks, str) else None
         body.append([tau_label({"method": method, "tau": tau}), f"{paper['paper_test_acc']:.2f}", acc,
                      acc_cell("min_val_loss_test_acc")(ours) if ours else "–", paper["paper_ranks"], str(ranks),
-                     percent("paper_cr_eval")(paper), percent("cr")({"cr": cr}), authors_cell(ours),
-                     text("authors_ranks")(ours)])
+                     percent("paper_cr_eval")(paper), percent("cr")({"cr": cr}), authors_cell(authors),
+                     text("authors_ranks")(authors)])
     return markdown_table(["ϑ", "acc (paper)", "acc (ours, final epoch)", "acc (ours, min val loss epoch)",
                            "ranks (paper)", "ranks (ours, end of the adaptive phase)", "c.r. eval (paper's ranks)",
                            "c.r. eval (ours)", "acc (authors' procedure)", "ranks (authors' procedure)"], body)
