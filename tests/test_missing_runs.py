@@ -43,6 +43,15 @@ def test_lists_the_unfinished_and_the_missing_runs_in_order(runs, capsys):
         f"dlrt-run experiment=lenet5_mnist tau=0.3 seed={seed} out_dir={runs} threads=1 progress=false" for seed in (1, 2)]
 
 
+def test_runs_come_seed_by_seed_so_a_stopped_queue_leaves_rows_even():
+    sweep = Sweep("dlrt_vs_uv", {"method": ("fixed", "vanilla"), "seed": (0, 1), "model.spectrum": ("one", "pow2")})
+    runs = sweep.runs()
+    assert [run["seed"] for run in runs] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [(run["method"], run["model.spectrum"]) for run in runs[:4]] == [
+        ("fixed", "one"), ("fixed", "pow2"), ("vanilla", "one"), ("vanilla", "pow2")]
+    assert list(runs[0]) == ["experiment", "method", "seed", "model.spectrum"]  # the keys keep the grid's order
+
+
 def test_a_finished_run_of_other_settings_does_not_count(runs, capsys):
     write_folder(runs, "lenet5-mnist-adaptive-tau0.3-seed2_lr=0.01", ["experiment=lenet5_mnist", "tau=0.3", "seed=2",
                                                                       "lr=0.01"], {"status": "completed"})
