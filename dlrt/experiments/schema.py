@@ -208,7 +208,9 @@ class RunSchema:
     cuda_graphs: bool = False
     svd_on: SvdOn = SvdOn(defaults.OPTIMIZER["svd_on"])
     out_dir: str = "runs"
-    eval_batch_size: int = 2048
+    # 256: on a CPU a LeNet5 evaluates 1.5-1.9x slower in batches of 2048 (results/bench/eval_batch/); a GPU
+    # evaluates MNIST in a few dozen calls either way
+    eval_batch_size: int = 256
     progress: bool = True
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
