@@ -257,7 +257,17 @@ def test_fc_rows_are_read_at_the_final_epoch_with_the_adaptive_phases_ranks(made
     assert "still running" not in md  # the unfinished run is of width 784
     assert ("| 0.09 | 98.34 | 97.80 ± 0.14 | 98.10 ± 0.14 | [35,53,51,46] | [30,40,40,35] | 82.6 % | "
             f"{compression_rate(row['eval_params_fc'], 784 * 500 + 3 * 500 ** 2 + 5000):.1f} % | – | – |") in md
-    assert "| 0.03 | 98.49 | not run (cost: see the notes) |" in md and "290 s per epoch" in md
+    assert "| 0.03 | 98.49 | not run | – |" in md and "290 s per epoch" not in md  # queued with the other rows
+
+
+def test_only_fc784_at_003_is_not_run_for_its_cost(tmp_path):
+    write_run(tmp_path, "fc_mnist", "fc-mnist-adaptive-tau0.09-seed0_model.width=784",
+              config("fc", "adaptive", 0.09, 0, 2, width=784, selection="final"),
+              [(0.1, 97.0, [50, 50, 50, 50]), (0.2, 98.0, [40, 40, 40, 40])],
+              shapes=[(784, 784)] * 4, dense_shapes=[(10, 784)], command="dlrt-run experiment=fc_mnist")
+    main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--experiments", "fc_mnist"])
+    md = (tmp_path / "out" / "tables" / "fc784_mnist.md").read_text()
+    assert "| 0.03 | 98.61 | not run (cost: see the notes) |" in md and "290 s per epoch" in md
 
 
 def test_fc_runs_selected_by_another_rule_are_a_row_of_their_own(made):

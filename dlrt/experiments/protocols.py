@@ -233,9 +233,13 @@ LENET5_DENSE = Sweep("lenet5_mnist", {"seed": SEEDS_LENET5},
 LENET5_SVD_INIT = Sweep("lenet5_mnist", {"tau": _taus(PAPER_LENET5), "seed": SEEDS_LENET5}, {"model.init": "svd"})
 FC_DLRT = Sweep("fc_mnist", {"model.width": FC_WIDTHS, "tau": FC_TAUS[1:]})
 FC_DENSE = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"method": "dense", "tau": 0})
-FC_AT_003 = Sweep("fc_mnist", {"model.width": FC_WIDTHS}, {"tau": FC_TAUS[0]}, cost=(
-    "its ranks stay near their cap (392 at width 784), about 290 s per epoch at width 784 on the 2-core CPU "
-    "with one thread, some 28 hours for the 350 epochs"))
+# ϑ = 0.03 keeps the ranks at their cap (half the width) and the step's SVDs at the full width: at width 500 about
+# 54 s per epoch on the 2-core CPU with one thread (the archived 20 + 10 epoch run), some 5 hours for the 350 epochs,
+# queued with the other paper rows; at width 784 the costliest run of all, queued last
+FC500_AT_003 = Sweep("fc_mnist", {"model.width": (500,)}, {"tau": FC_TAUS[0]})
+FC_AT_003 = Sweep("fc_mnist", {"model.width": (784,)}, {"tau": FC_TAUS[0]}, cost=(
+    "its ranks stay at their cap (392), about 290 s per epoch on the 2-core CPU with one thread, some 28 hours for "
+    "the 350 epochs"))
 # The authors' FC procedure (experiment=fc_mnist_authors; results/ERRATA.md finding 4), width 500 at the ϑ of their
 # logs, each adaptive phase as long as theirs: ϑ -> the rows of T@3f1aa0d illustration/paper_data/500Neurons/
 # e2edense_sr350_v<ϑ>/historyLogs/history_001_.csv (each followed by 100 fine-tuning epochs, history_002_.csv)
@@ -258,10 +262,11 @@ UV_OURS = Sweep("dlrt_vs_uv", {"method": ("fixed", "vanilla"), "model.spectrum":
 
 # Every table's runs, in the order they are run: the dense LeNet5 row and the basis_every study first (15 minutes a
 # run on this CPU), then the FC tables (about 100 s per epoch at their starting ranks, 350 epochs), the DLRT vs U V^T
-# studies (ours first: its table has no run records yet, the authors' setup has 3 seeds of each curve), the LeNet5
-# rows, FC at ϑ = 0.03, the costliest by far, and the authors' FC procedure (ϑ descending: the cheap runs first).
-SWEEPS = (LENET5_DENSE, LENET5_BASIS_EVERY, FC_DLRT, FC_DENSE, UV_OURS, UV_AUTHORS, LENET5_DLRT, LENET5_SVD_INIT,
-          FC_AT_003, *FC_AUTHORS)
+# studies (ours first: its table has no run records yet, the authors' setup has 3 seeds of each curve), FC width 500
+# at ϑ = 0.03, the LeNet5 rows, FC width 784 at ϑ = 0.03, the costliest by far, and the authors' FC procedure (ϑ
+# descending: the cheap runs first).
+SWEEPS = (LENET5_DENSE, LENET5_BASIS_EVERY, FC_DLRT, FC_DENSE, UV_OURS, FC500_AT_003, UV_AUTHORS, LENET5_DLRT,
+          LENET5_SVD_INIT, FC_AT_003, *FC_AUTHORS)
 # experiment -> its table's protocol and the sweep that `dlrt-run -m experiment=<name>` runs (its yaml reads it)
 EXPERIMENTS = {"lenet5_mnist": (LENET5, LENET5_DLRT), "fc_mnist": (FC, FC_DLRT),
                "dlrt_vs_uv": (DLRT_VS_UV, UV_OURS), "dlrt_vs_uv_authors": (DLRT_VS_UV_AUTHORS, UV_AUTHORS),

@@ -173,6 +173,11 @@ def authors_for(records: list[dict], method: str, tau) -> dict:
                  and not is_missing(r.get("authors_n_seeds")) and r.get("authors_n_seeds")), {})
 
 
+def is_costly(width: int, tau) -> bool:
+    """The row that may stay not run for its cost (FC_AT_003: width 784 at ϑ = 0.03)."""
+    return tau == FC_AT_003.fixed["tau"] and width in FC_AT_003.grid["model.width"]
+
+
 def side_by_side(frame: pd.DataFrame, width: int) -> str:
     """Per paper row: the paper, ours at the protocol (each run's final epoch, the adaptive phase's last ranks), the
     authors' procedure."""
@@ -183,7 +188,7 @@ def side_by_side(frame: pd.DataFrame, width: int) -> str:
         ours, paper = ours_for(records, method, tau), paper_columns(width, key)
         authors = authors_for(records, method, tau)
         acc = acc_cell("final_test_acc")(ours) if ours else "not run"
-        if not ours and tau == FC_AT_003.fixed["tau"]:
+        if not ours and is_costly(width, tau):
             acc = "not run (cost: see the notes)"
         ranks = ours.get("adaptive_end_ranks", "–")
         cr = fc_counts(width, ranks)["cr_eval_fc"] if ours and isinstance(ranks, str) else None
@@ -197,6 +202,7 @@ def side_by_side(frame: pd.DataFrame, width: int) -> str:
 
 
 def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
+    width = int(frame["width"].dropna().iloc[0])  # one table, one width
     found = [
         "'acc (ours)' is the mean ± sample standard deviation over seeds of each run's selected epoch's test "
         "accuracy, in % (the final epoch, the FC protocol's); ranks and parameter counts are those of the best run "
@@ -215,11 +221,11 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
         "results/diagnostics/fc_rank_gap/ compares every layer with their logs, their code run on our data and the "
         "authors' procedure"
         + (" (at width 500, where their logs are read and their code was run; the same script, which T@9bd6e9e has "
-           "at width 784, likely made these rows)." if 784 in set(frame["width"].dropna().astype(int)) else "."),
+           "at width 784, likely made these rows)." if width == 784 else "."),
     ]
     at_003 = frame[(frame["tau"] == FC_AT_003.fixed["tau"]) & (frame["n_seeds"] > 0) & (frame["settings"].fillna("") == "")
                    & (frame["selection"] == FC.selection)]
-    if at_003.empty:
+    if is_costly(width, FC_AT_003.fixed["tau"]) and at_003.empty:
         found.append(f"ϑ = {FC_AT_003.fixed['tau']} is not run at the protocol: {FC_AT_003.cost}. It is the last "
                      f"run that `dlrt-tables --missing` lists (`{FC_AT_003.command()}`).")
     if authors is not None and authors.completed:
