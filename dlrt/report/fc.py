@@ -226,8 +226,8 @@ def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
     at_003 = frame[(frame["tau"] == FC_AT_003.fixed["tau"]) & (frame["n_seeds"] > 0) & (frame["settings"].fillna("") == "")
                    & (frame["selection"] == FC.selection)]
     if is_costly(width, FC_AT_003.fixed["tau"]) and at_003.empty:
-        found.append(f"ϑ = {FC_AT_003.fixed['tau']} is not run at the protocol: {FC_AT_003.cost}. It is the last "
-                     f"run that `dlrt-tables --missing` lists (`{FC_AT_003.command()}`).")
+        found.append(f"ϑ = {FC_AT_003.fixed['tau']} is not run at the protocol: {FC_AT_003.cost}. `dlrt-tables "
+                     f"--missing` lists it after the other tables' runs (`{FC_AT_003.command()}`).")
     if authors is not None and authors.completed:
         found.append("The authors' procedure (width 500: Adam whose moments restart at every step of the rank-adaptive "
                      "phase and stay in place in the fine-tuning; results/ERRATA.md, finding 4): "
