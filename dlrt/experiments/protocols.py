@@ -206,9 +206,12 @@ class Sweep:
     def runs(self) -> list[dict]:
         """Each run's overrides, experiment first, seed by seed: a queue stopped part way leaves every row or curve
         of the table with as many seeds as the next, give or take one."""
-        keys = sorted(self.grid, key=lambda key: key != "seed")  # the seed loop outermost
-        return [{"experiment": self.experiment, **self.fixed, **{key: dict(zip(keys, values))[key] for key in self.grid}}
-                for values in itertools.product(*(self.grid[key] for key in keys))]
+        loops = sorted(self.grid, key=lambda key: key != "seed")  # the seed loop outermost
+        runs = []
+        for values in itertools.product(*(self.grid[key] for key in loops)):
+            chosen = dict(zip(loops, values))
+            runs.append({"experiment": self.experiment, **self.fixed, **{key: chosen[key] for key in self.grid}})
+        return runs
 
     def command(self) -> str:
         """The dlrt-run command of the whole sweep."""
