@@ -201,8 +201,7 @@ def side_by_side(frame: pd.DataFrame, width: int) -> str:
                            "c.r. eval (ours)", "acc (authors' procedure)", "ranks (authors' procedure)"], body)
 
 
-def notes(frame: pd.DataFrame, authors: Experiment | None) -> list[str]:
-    width = int(frame["width"].dropna().iloc[0])  # one table, one width
+def notes(frame: pd.DataFrame, authors: Experiment | None, width: int) -> list[str]:
     found = [
         "'acc (ours)' is the mean ± sample standard deviation over seeds of each run's selected epoch's test "
         "accuracy, in % (the final epoch, the FC protocol's); ranks and parameter counts are those of the best run "
@@ -282,6 +281,6 @@ def tables(experiment: Experiment, archive=None) -> list[Table]:
         view = replace(experiment, unfinished=running)  # this width's runs only
         runs = [r for r in experiment.completed + experiment.failed if r.config.get("model.width") == width]
         title = f"5-layer fully connected net, width {width}, on MNIST: DLRT against the paper's table"
-        result.append(Table(f"fc{width}_mnist", frame, render(title, view, FC, frame, sections, notes(frame, authors),
+        result.append(Table(f"fc{width}_mnist", frame, render(title, view, FC, frame, sections, notes(frame, authors, width),
                                                               runs, archived=archived)))
     return result
