@@ -385,7 +385,8 @@ def test_archived_rows_fill_rows_without_runs_and_are_marked(tmp_path):
     assert archived["test_acc_mean"] == pytest.approx(90.88) and archived["source"].endswith("lenet5_mnist.csv")
     assert lenet5_row(frame, "adaptive", 0.15, "svd")["test_acc_mean"] == pytest.approx(97.5)  # runs win
     md = (tmp_path / "out" / "tables" / "lenet5_mnist.md").read_text()
-    assert "90.88 ± 4.18 (a)" in md and "1 row(s) from" in md and "Tables of an earlier commit" in md
+    assert "90.88 ± 4.18 (a)" in md and "Tables of an earlier commit" in md
+    assert "- rows marked (a) are archived runs, kept for comparison: 1 row(s) from" in md
 
 
 def test_archived_fc_rows_are_min_val_loss_rows_and_fill_the_protocol_column_at_their_final_epoch(tmp_path):

@@ -144,7 +144,7 @@ def provenance(experiment: Experiment, protocol: TableProtocol, rows: list[dict]
         lines.append(f"- left out, still running (no summary.json): {len(experiment.unfinished)} run(s)")
     lines += [f"- left out, unreadable: {entry}" for entry in experiment.unreadable]
     if archived:
-        lines.append(f"- rows marked (a) are archived: {archived}")
+        lines.append(f"- rows marked (a) are archived runs, kept for comparison: {archived}")
     lines.append(f"\nWhere the paper is wrong or does not say, see [{ERRATA_LINK}](../ERRATA.md).")
     return "\n".join(lines)
 
